@@ -1,0 +1,131 @@
+//! The aggregator: consumes every result of the namespace, records each job id once in a durable
+//! store (committed before the result is acked), and serves them over HTTP.
+//!
+//! Shutdown: when `shutdown` fires it stops consuming, finishes the batch in hand, and closes.
+
+pub mod http;
+pub mod store;
+
+use crate::error::{Error, Result};
+use crate::result::JobResult;
+use crate::transport::{ConsumeOptions, Delivery, Source, Transport};
+use futures::{FutureExt, StreamExt};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+pub use store::{Stats, Store};
+use tokio_util::sync::CancellationToken;
+
+/// Most results written in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// Aggregator settings (the `conveyor-aggregator` flags).
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    /// Directory of the durable store.
+    pub store_dir: PathBuf,
+    /// HTTP listen address.
+    pub http: SocketAddr,
+}
+
+/// Runs the aggregator until `shutdown`. `ready` receives the bound HTTP address.
+pub async fn run(
+    transport: Arc<dyn Transport>,
+    config: AggregatorConfig,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<()> {
+    let dir = config.store_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .map_err(|e| Error::Store(e.to_string()))??;
+    let listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen on --http {}: {e}", config.http)))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, store = %config.store_dir.display(), "aggregator started");
+    if let Some(tx) = ready {
+        let _ = tx.send(addr);
+    }
+    let server_stop = shutdown.clone();
+    let http_store = store.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, http::router(http_store))
+            .with_graceful_shutdown(async move { server_stop.cancelled().await })
+            .await
+    });
+    let opts = ConsumeOptions {
+        prefetch: MAX_BATCH as u16,
+        lease: Duration::from_secs(30),
+    };
+    let mut results = transport
+        .consume(Source::Results("aggregator".into()), opts)
+        .await?;
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            d = results.next() => d,
+        };
+        let mut batch = match first {
+            Some(Ok(d)) => vec![d],
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "results consumer error");
+                continue;
+            }
+            None => {
+                tracing::warn!("results consumer ended");
+                break;
+            }
+        };
+        while batch.len() < MAX_BATCH {
+            match results.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                Some(Some(Err(e))) => tracing::warn!(error = %e, "results consumer error"),
+                _ => break,
+            }
+        }
+        record(&store, batch).await;
+    }
+    drop(results);
+    let _ = server.await;
+    transport.close().await?;
+    tracing::info!("aggregator stopped");
+    Ok(())
+}
+
+/// Writes one batch durably, then acks it. If the write fails nothing is acked, and the broker
+/// redelivers the batch.
+async fn record(store: &Store, batch: Vec<Delivery>) {
+    let mut parsed = Vec::with_capacity(batch.len());
+    for d in &batch {
+        match JobResult::from_message(&d.message, &d.kind) {
+            Ok(r) => parsed.push(r),
+            Err(e) => tracing::warn!(error = %e, "dropping unreadable result"),
+        }
+    }
+    let s = store.clone();
+    let written = tokio::task::spawn_blocking(move || s.record_batch(&parsed)).await;
+    match written {
+        Ok(Ok(outcome)) => {
+            if outcome.duplicates > 0 {
+                tracing::debug!(duplicates = outcome.duplicates, "dropped duplicate results");
+            }
+            let acks = batch.into_iter().map(|d| d.ack());
+            for r in futures::future::join_all(acks).await {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "ack of a recorded result failed; it will come again as a duplicate");
+                }
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "store write failed; results will be redelivered");
+            for d in batch {
+                let _ = d.nack().await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(e) => tracing::error!(error = %e, "store task failed"),
+    }
+}

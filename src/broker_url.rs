@@ -1,0 +1,149 @@
+//! Broker URLs: which backend, and a form that never shows the password.
+
+use crate::error::{Error, Result};
+use std::fmt;
+
+/// The broker family a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// NATS with JetStream (`nats://`, `tls://`).
+    Nats,
+    /// RabbitMQ over AMQP 0-9-1 (`amqp://`, `amqps://`).
+    Amqp,
+}
+
+/// A parsed broker URL. `Debug` and `Display` redact the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    kind: BrokerKind,
+    raw: String,
+    parsed: url::Url,
+}
+
+impl BrokerUrl {
+    /// Parses `nats://`, `tls://`, `amqp://` or `amqps://` URLs; anything else is a
+    /// [`Error::Config`] naming the scheme.
+    pub fn parse(s: &str) -> Result<Self> {
+        let parsed = url::Url::parse(s).map_err(|e| {
+            Error::Config(format!(
+                "broker URL {:?} is not a URL ({e}); expected nats://host:4222 or amqp://user:pass@host:5672/vhost",
+                redact_str(s)
+            ))
+        })?;
+        let kind = match parsed.scheme() {
+            "nats" | "tls" => BrokerKind::Nats,
+            "amqp" | "amqps" => BrokerKind::Amqp,
+            other => {
+                return Err(Error::Config(format!(
+                    "unsupported broker URL scheme {other:?} in {}: use nats://, tls://, amqp:// or amqps://",
+                    redact_url(&parsed)
+                )))
+            }
+        };
+        if parsed.host_str().unwrap_or("").is_empty() {
+            return Err(Error::Config(format!(
+                "broker URL {} has no host",
+                redact_url(&parsed)
+            )));
+        }
+        Ok(BrokerUrl {
+            kind,
+            raw: s.to_string(),
+            parsed,
+        })
+    }
+
+    /// Which backend this URL selects.
+    pub fn kind(&self) -> BrokerKind {
+        self.kind
+    }
+
+    /// The full URL including credentials: only for handing to the broker client.
+    pub fn expose(&self) -> &str {
+        &self.raw
+    }
+
+    /// The parsed URL (with credentials).
+    pub fn url(&self) -> &url::Url {
+        &self.parsed
+    }
+}
+
+fn redact_url(u: &url::Url) -> String {
+    let mut u = u.clone();
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    u.to_string()
+}
+
+fn redact_str(s: &str) -> String {
+    // Best effort for strings that do not parse: hide anything between "://user:" and "@".
+    match (s.find("://"), s.rfind('@')) {
+        (Some(start), Some(at)) if at > start => {
+            let creds = &s[start + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!("{}{}:***{}", &s[..start + 3], &creds[..colon], &s[at..]),
+                None => s.to_string(),
+            }
+        }
+        _ => s.to_string(),
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.parsed))
+    }
+}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrl({self})")
+    }
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_backend_by_scheme() {
+        assert_eq!(
+            BrokerUrl::parse("nats://127.0.0.1:4222")
+                .map(|u| u.kind())
+                .ok(),
+            Some(BrokerKind::Nats)
+        );
+        assert_eq!(
+            BrokerUrl::parse("amqps://h/v").map(|u| u.kind()).ok(),
+            Some(BrokerKind::Amqp)
+        );
+        let err = BrokerUrl::parse("redis://127.0.0.1")
+            .err()
+            .map(|e| e.to_string());
+        assert!(err
+            .unwrap_or_default()
+            .contains("unsupported broker URL scheme \"redis\""));
+    }
+
+    #[test]
+    fn never_shows_password() {
+        let u = BrokerUrl::parse("amqp://guest:s3cret@localhost:5672/%2f").expect("valid url");
+        assert!(!format!("{u}").contains("s3cret"));
+        assert!(!format!("{u:?}").contains("s3cret"));
+        assert!(u.expose().contains("s3cret"));
+        let bad = BrokerUrl::parse("foo://user:s3cret@host")
+            .err()
+            .map(|e| e.to_string());
+        assert!(!bad.unwrap_or_default().contains("s3cret"));
+        assert!(!redact_str("x://user:s3cret@ho st").contains("s3cret"));
+    }
+}

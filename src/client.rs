@@ -1,0 +1,173 @@
+//! The producer side: publish jobs (confirmed, pipelined, retried with the same id) and wait for
+//! their results through a private reply address (future/promise across processes).
+
+use crate::broker_url::BrokerUrl;
+use crate::error::{Error, Result};
+use crate::job::JobSpec;
+use crate::result::JobResult;
+use crate::transport::{self, MessageStream, Route, Transport};
+use crate::worker::publish_retrying;
+use futures::StreamExt;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a publish keeps retrying an unconfirmed message before it is reported failed.
+pub const PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A cheap, clonable handle for publishing jobs.
+#[derive(Clone)]
+pub struct Client {
+    transport: Arc<dyn Transport>,
+}
+
+impl Client {
+    /// Connects to the broker of `url` for `namespace`.
+    pub async fn connect(url: &BrokerUrl, namespace: &str) -> Result<Client> {
+        Ok(Client {
+            transport: transport::connect(url, namespace).await?,
+        })
+    }
+
+    /// Wraps an existing transport.
+    pub fn from_transport(transport: Arc<dyn Transport>) -> Client {
+        Client { transport }
+    }
+
+    /// The transport underneath.
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// Publishes one job and returns its id once the broker confirmed it. An unconfirmed publish
+    /// is retried with the same id (JetStream de-duplicates it; the aggregator records it once).
+    pub async fn publish(&self, spec: &JobSpec) -> Result<String> {
+        let (id, msg) = spec.to_message()?;
+        publish_retrying(
+            self.transport.as_ref(),
+            Route::Job(spec.kind.clone()),
+            msg,
+            PUBLISH_PATIENCE,
+        )
+        .await?;
+        Ok(id)
+    }
+
+    /// Publishes many jobs with up to `in_flight` unconfirmed at once. Calls `on_each` as each
+    /// is confirmed (or failed); returns the results in input order.
+    pub async fn publish_many(
+        &self,
+        specs: Vec<JobSpec>,
+        in_flight: usize,
+        mut on_each: impl FnMut(&Result<String>),
+    ) -> Vec<Result<String>> {
+        let mut out: Vec<Option<Result<String>>> = (0..specs.len()).map(|_| None).collect();
+        let mut stream = futures::stream::iter(specs.into_iter().enumerate())
+            .map(|(i, spec)| async move { (i, self.publish(&spec).await) })
+            .buffer_unordered(in_flight.max(1));
+        while let Some((i, r)) = stream.next().await {
+            on_each(&r);
+            out[i] = Some(r);
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or(Err(Error::Shutdown)))
+            .collect()
+    }
+
+    /// Opens a reply address; jobs published with it as `reply_to` report back to the waiter.
+    pub async fn waiter(&self) -> Result<Waiter> {
+        let (address, stream) = self.transport.reply_inbox().await?;
+        Ok(Waiter {
+            address,
+            stream,
+            early: HashMap::new(),
+        })
+    }
+
+    /// Publishes a job and waits for its final result (publish-and-wait).
+    pub async fn call(&self, spec: JobSpec, timeout: Duration) -> Result<JobResult> {
+        let mut waiter = self.waiter().await?;
+        let spec = spec.reply_to(waiter.address().to_string());
+        let id = self.publish(&spec).await?;
+        waiter
+            .wait_for(&[id], timeout, |_| {})
+            .await
+            .into_iter()
+            .next()
+            .ok_or(Error::Timeout(timeout, "job result"))
+    }
+
+    /// Closes the connection cleanly.
+    pub async fn close(&self) -> Result<()> {
+        self.transport.close().await
+    }
+}
+
+/// A private reply address and the results that arrive there.
+pub struct Waiter {
+    address: String,
+    stream: MessageStream,
+    early: HashMap<String, JobResult>,
+}
+
+impl Waiter {
+    /// The address to put in `reply_to`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The next result, or `None` when `timeout` passes first.
+    pub async fn next(&mut self, timeout: Duration) -> Option<JobResult> {
+        if let Some(key) = self.early.keys().next().cloned() {
+            return self.early.remove(&key);
+        }
+        let msg = tokio::time::timeout(timeout, self.stream.next())
+            .await
+            .ok()??;
+        match JobResult::from_message(&msg, "") {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable reply");
+                None
+            }
+        }
+    }
+
+    /// Waits until every id in `ids` has a result or `timeout` passes; calls `on_each` per new
+    /// result. Duplicates (a job delivered twice) are returned once.
+    pub async fn wait_for(
+        &mut self,
+        ids: &[String],
+        timeout: Duration,
+        mut on_each: impl FnMut(&JobResult),
+    ) -> Vec<JobResult> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pending: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let mut done = Vec::with_capacity(ids.len());
+        let early: Vec<String> = self.early.keys().cloned().collect();
+        for id in early {
+            if pending.remove(id.as_str()) {
+                if let Some(r) = self.early.remove(&id) {
+                    on_each(&r);
+                    done.push(r);
+                }
+            }
+        }
+        while !pending.is_empty() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Ok(Some(msg)) = tokio::time::timeout(left, self.stream.next()).await else {
+                break;
+            };
+            let Ok(r) = JobResult::from_message(&msg, "") else {
+                continue;
+            };
+            if pending.remove(r.id.as_str()) {
+                on_each(&r);
+                done.push(r);
+            } else if !ids.contains(&r.id) {
+                self.early.insert(r.id.clone(), r);
+            }
+        }
+        done
+    }
+}

@@ -1,0 +1,68 @@
+//! Library errors. Each says whether trying again may help ([`Error::is_transient`]).
+
+use std::time::Duration;
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the library can fail with. Broker errors keep their source chain.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A URL, flag or config value is wrong; the message names it.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The broker could not be reached or refused an operation.
+    #[error("broker error during {op}: {source}")]
+    Broker {
+        /// What was being done.
+        op: &'static str,
+        /// The broker client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A publish was not confirmed (negative confirm, returned message, or no answer).
+    #[error("publish to {target} not confirmed: {reason}")]
+    NotConfirmed {
+        /// Subject or exchange/routing key.
+        target: String,
+        /// Why the broker did not confirm it.
+        reason: String,
+    },
+    /// Waiting for the broker took longer than allowed.
+    #[error("timed out after {0:?} during {1}")]
+    Timeout(Duration, &'static str),
+    /// A body could not be encoded or decoded.
+    #[error("codec: {0}")]
+    Codec(String),
+    /// The aggregator's store failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// Input/output error (files, sockets).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The operation stopped because shutdown was requested.
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl Error {
+    /// Wraps a broker client's error.
+    pub fn broker(
+        op: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Broker {
+            op,
+            source: Box::new(source),
+        }
+    }
+
+    /// True when the same operation may succeed if tried again later (outages, time-outs,
+    /// unconfirmed publishes); false for configuration and input errors.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Broker { .. } | Error::NotConfirmed { .. } | Error::Timeout(..) | Error::Io(_)
+        )
+    }
+}

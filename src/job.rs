@@ -1,0 +1,332 @@
+//! Jobs: what a producer publishes ([`JobSpec`]), what a worker reads from a delivery
+//! ([`JobMeta`]), and how a handler fails ([`JobError`]).
+
+use crate::codec::Codec;
+use crate::error::{Error, Result};
+use crate::message::{header_safe, Headers, Message};
+use crate::protocol::{header, validate_kind};
+use serde_json::Value;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Attempts a job gets when it does not say (`Conveyor-Max-Attempts`).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// The most attempts a job may ask for.
+pub const MAX_MAX_ATTEMPTS: u32 = 1000;
+
+/// A new job id: a UUID v7 (time-ordered, unique across processes).
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A job to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    /// Kind, e.g. `echo`.
+    pub kind: String,
+    /// Input (encoded with `codec`).
+    pub input: Value,
+    /// Job id; a new one is made when `None`.
+    pub id: Option<String>,
+    /// Body encoding.
+    pub codec: Codec,
+    /// Attempts before dead-lettering.
+    pub max_attempts: Option<u32>,
+    /// Deadline per attempt.
+    pub timeout_ms: Option<u64>,
+    /// Where the final result is also sent.
+    pub reply_to: Option<String>,
+    /// Echoed on the reply.
+    pub correlation_id: Option<String>,
+    /// Extra headers (group, dedup key, ...).
+    pub headers: Headers,
+}
+
+impl JobSpec {
+    /// A job of `kind` with `input`, JSON-encoded, default attempts.
+    pub fn new(kind: impl Into<String>, input: Value) -> Self {
+        JobSpec {
+            kind: kind.into(),
+            input,
+            id: None,
+            codec: Codec::Json,
+            max_attempts: None,
+            timeout_ms: None,
+            reply_to: None,
+            correlation_id: None,
+            headers: Headers::new(),
+        }
+    }
+
+    /// Sets the job id.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Sets the codec.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Sets max attempts.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    /// Sets the per-attempt deadline.
+    pub fn timeout_ms(mut self, ms: u64) -> Self {
+        self.timeout_ms = Some(ms);
+        self
+    }
+
+    /// Sets the reply address (from [`crate::Client::reply_inbox`]).
+    pub fn reply_to(mut self, to: impl Into<String>) -> Self {
+        self.reply_to = Some(to.into());
+        self
+    }
+
+    /// Encodes the job as a broker message. Returns its id (made here when missing) too.
+    pub fn to_message(&self) -> Result<(String, Message)> {
+        validate_kind(&self.kind)?;
+        let id = self.id.clone().unwrap_or_else(new_id);
+        if id.is_empty() || id.len() > 256 {
+            return Err(Error::Config(format!(
+                "job id must be 1 to 256 characters, got {}",
+                id.len()
+            )));
+        }
+        let body = self.codec.encode(&self.input)?;
+        let mut h = self.headers.clone();
+        h.insert(header::ID, header_safe(&id));
+        h.insert(header::CONTENT_TYPE, self.codec.content_type());
+        h.insert(header::PUBLISHED_AT, now_ms().to_string());
+        if let Some(n) = self.max_attempts {
+            h.insert(header::MAX_ATTEMPTS, n.to_string());
+        }
+        if let Some(ms) = self.timeout_ms {
+            h.insert(header::TIMEOUT_MS, ms.to_string());
+        }
+        if let Some(r) = &self.reply_to {
+            h.insert(header::REPLY_TO, r.clone());
+        }
+        if let Some(c) = &self.correlation_id {
+            h.insert(header::CORRELATION_ID, c.clone());
+        }
+        Ok((id, Message::new(h, body)))
+    }
+}
+
+/// What a worker knows about a delivered job, read from its headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobMeta {
+    /// Job id (made from the broker's message id when the publisher set none).
+    pub id: String,
+    /// Kind, from the subject or routing key.
+    pub kind: String,
+    /// Which attempt this delivery is, from 1.
+    pub attempt: u32,
+    /// Attempts before dead-lettering.
+    pub max_attempts: u32,
+    /// Deadline per attempt.
+    pub timeout: Option<Duration>,
+    /// Reply address.
+    pub reply_to: Option<String>,
+    /// Correlation id to echo.
+    pub correlation_id: Option<String>,
+    /// Body codec.
+    pub codec: Codec,
+    /// Group headers to copy onto the result.
+    pub group: Vec<(String, String)>,
+}
+
+/// Reads a number header; a bad value is an error that names the header.
+fn num_header<T: std::str::FromStr>(
+    h: &Headers,
+    name: &str,
+) -> std::result::Result<Option<T>, String> {
+    match h.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse::<T>()
+            .map(Some)
+            .map_err(|_| format!("bad header {name}: {v:?} is not a valid number")),
+    }
+}
+
+impl JobMeta {
+    /// Reads the metadata of a job of `kind` delivered for the `delivery`-th time (from 1).
+    /// `fallback_id` names the job when it carries no id. An error is the reason to dead-letter it.
+    pub fn from_message(
+        kind: &str,
+        msg: &Message,
+        delivery: u32,
+        fallback_id: impl FnOnce() -> String,
+    ) -> std::result::Result<JobMeta, String> {
+        let h = &msg.headers;
+        let id = h
+            .get(header::ID)
+            .or_else(|| h.get(header::NATS_MSG_ID))
+            .map(str::to_string)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(fallback_id);
+        let codec =
+            Codec::from_content_type(h.get(header::CONTENT_TYPE)).map_err(|e| e.to_string())?;
+        let first: u32 = num_header(h, header::ATTEMPT)?.unwrap_or(1).max(1);
+        let max_attempts: u32 =
+            num_header(h, header::MAX_ATTEMPTS)?.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if max_attempts == 0 || max_attempts > MAX_MAX_ATTEMPTS {
+            return Err(format!(
+                "bad header {}: {max_attempts} is outside 1..={MAX_MAX_ATTEMPTS}",
+                header::MAX_ATTEMPTS
+            ));
+        }
+        let timeout = num_header::<u64>(h, header::TIMEOUT_MS)?.map(Duration::from_millis);
+        if timeout == Some(Duration::ZERO) {
+            return Err(format!(
+                "bad header {}: must be above 0",
+                header::TIMEOUT_MS
+            ));
+        }
+        let group_size: Option<u32> = num_header(h, header::GROUP_SIZE)?;
+        let _: Option<u32> = num_header(h, header::GROUP_INDEX)?;
+        if group_size == Some(0) {
+            return Err(format!(
+                "bad header {}: must be above 0",
+                header::GROUP_SIZE
+            ));
+        }
+        let group = [header::GROUP, header::GROUP_SIZE, header::GROUP_INDEX]
+            .iter()
+            .filter_map(|n| h.get(n).map(|v| (n.to_string(), v.to_string())))
+            .collect();
+        Ok(JobMeta {
+            id,
+            kind: kind.to_string(),
+            attempt: first.saturating_add(delivery.max(1) - 1),
+            max_attempts,
+            timeout,
+            reply_to: h
+                .get(header::REPLY_TO)
+                .map(str::to_string)
+                .filter(|s| !s.is_empty()),
+            correlation_id: h.get(header::CORRELATION_ID).map(str::to_string),
+            codec,
+            group,
+        })
+    }
+}
+
+/// How a handler failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobError {
+    /// Worth another attempt (after `after`, or the worker's backoff).
+    #[error("{message}")]
+    Retry {
+        /// What went wrong.
+        message: String,
+        /// Wait at least this long before the next attempt.
+        after: Option<Duration>,
+    },
+    /// Will fail the same way every time: dead-letter at once.
+    #[error("{0}")]
+    Permanent(String),
+    /// The job's deadline passed.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The job was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl JobError {
+    /// A retryable error.
+    pub fn retry(message: impl Into<String>) -> Self {
+        JobError::Retry {
+            message: message.into(),
+            after: None,
+        }
+    }
+
+    /// A permanent error.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        JobError::Permanent(message.into())
+    }
+
+    /// True for errors another attempt may fix.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, JobError::Retry { .. } | JobError::Timeout(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn meta(h: Headers, delivery: u32) -> std::result::Result<JobMeta, String> {
+        JobMeta::from_message("echo", &Message::new(h, "{}"), delivery, || "gen".into())
+    }
+
+    #[test]
+    fn spec_round_trips_through_headers() {
+        let spec = JobSpec::new("echo", json!({"x": 1}))
+            .id("j1")
+            .max_attempts(3)
+            .timeout_ms(250)
+            .codec(Codec::Bincode)
+            .reply_to("inbox.1");
+        let (id, msg) = spec.to_message().expect("encodes");
+        assert_eq!(id, "j1");
+        let m = JobMeta::from_message("echo", &msg, 2, || "x".into()).expect("parses");
+        assert_eq!(m.id, "j1");
+        assert_eq!(m.attempt, 2);
+        assert_eq!(m.max_attempts, 3);
+        assert_eq!(m.timeout, Some(Duration::from_millis(250)));
+        assert_eq!(m.codec, Codec::Bincode);
+        assert_eq!(m.reply_to.as_deref(), Some("inbox.1"));
+        assert_eq!(
+            Codec::Bincode.decode(&msg.body).expect("body"),
+            json!({"x": 1})
+        );
+    }
+
+    #[test]
+    fn defaults_for_bare_jobs() {
+        let m = meta(Headers::new(), 1).expect("parses");
+        assert_eq!((m.id.as_str(), m.attempt, m.max_attempts), ("gen", 1, 5));
+        assert_eq!(m.codec, Codec::Json);
+    }
+
+    #[test]
+    fn attempt_adds_the_republished_base() {
+        let m = meta(Headers::new().with(header::ATTEMPT, "3"), 2).expect("parses");
+        assert_eq!(m.attempt, 4);
+    }
+
+    #[test]
+    fn bad_headers_name_themselves() {
+        let e = meta(Headers::new().with(header::MAX_ATTEMPTS, "lots"), 1).err();
+        assert!(e.unwrap_or_default().contains("Conveyor-Max-Attempts"));
+        let e = meta(Headers::new().with(header::TIMEOUT_MS, "-4"), 1).err();
+        assert!(e.unwrap_or_default().contains("Conveyor-Timeout-Ms"));
+        let e = meta(Headers::new().with(header::CONTENT_TYPE, "text/xml"), 1).err();
+        assert!(e.unwrap_or_default().contains("Content-Type"));
+        assert!(meta(Headers::new().with(header::MAX_ATTEMPTS, "0"), 1).is_err());
+    }
+
+    #[test]
+    fn bad_kind_is_refused_before_publishing() {
+        assert!(JobSpec::new("no spaces", json!(1)).to_message().is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! The any-client wire contract: names of subjects, exchanges, queues, streams and headers.
+//!
+//! Everything a client in another language needs is here; the README documents the same.
+
+use crate::error::{Error, Result};
+use std::fmt;
+
+/// Header names Conveyor reads and writes.
+pub mod header {
+    /// Job id (also AMQP `message_id`, NATS `Nats-Msg-Id`).
+    pub const ID: &str = "Conveyor-Id";
+    /// Job kind (set on results and dead letters).
+    pub const KIND: &str = "Conveyor-Kind";
+    /// How many attempts a job gets before it is dead-lettered.
+    pub const MAX_ATTEMPTS: &str = "Conveyor-Max-Attempts";
+    /// Per-job deadline in milliseconds.
+    pub const TIMEOUT_MS: &str = "Conveyor-Timeout-Ms";
+    /// Where the final result is also sent (also AMQP `reply_to`).
+    pub const REPLY_TO: &str = "Conveyor-Reply-To";
+    /// Correlation id echoed on replies (also AMQP `correlation_id`).
+    pub const CORRELATION_ID: &str = "Conveyor-Correlation-Id";
+    /// Group id.
+    pub const GROUP: &str = "Conveyor-Group";
+    /// Number of jobs in the group.
+    pub const GROUP_SIZE: &str = "Conveyor-Group-Size";
+    /// Position in the group.
+    pub const GROUP_INDEX: &str = "Conveyor-Group-Index";
+    /// Singleflight key.
+    pub const DEDUP_KEY: &str = "Conveyor-Dedup-Key";
+    /// Result status.
+    pub const STATUS: &str = "Conveyor-Status";
+    /// Error text of a result that did not succeed.
+    pub const ERROR: &str = "Conveyor-Error";
+    /// On a result: the attempt that produced it. On a job: the attempt its first delivery is.
+    pub const ATTEMPT: &str = "Conveyor-Attempt";
+    /// Worker that produced a result.
+    pub const WORKER: &str = "Conveyor-Worker";
+    /// Milliseconds since the Unix epoch when the job was first published.
+    pub const PUBLISHED_AT: &str = "Conveyor-Published-At";
+    /// Body encoding.
+    pub const CONTENT_TYPE: &str = "Content-Type";
+    /// NATS JetStream de-duplication id.
+    pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+}
+
+/// Final state of a job, as carried in `Conveyor-Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Status {
+    /// The handler returned an output.
+    Succeeded,
+    /// The handler failed and the job will not be retried (reported, not dead-lettered).
+    Failed,
+    /// The job was dead-lettered (permanent error or attempts exhausted).
+    Dead,
+    /// The job was cancelled.
+    Cancelled,
+    /// The job's deadline passed.
+    TimedOut,
+}
+
+impl Status {
+    /// Wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Dead => "dead",
+            Status::Cancelled => "cancelled",
+            Status::TimedOut => "timed-out",
+        }
+    }
+
+    /// Parses the wire spelling.
+    pub fn parse(s: &str) -> Option<Status> {
+        Some(match s {
+            "succeeded" => Status::Succeeded,
+            "failed" => Status::Failed,
+            "dead" => Status::Dead,
+            "cancelled" => Status::Cancelled,
+            "timed-out" => Status::TimedOut,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Checks a job kind: words of letters, digits, `-` and `_`, separated by single dots.
+pub fn validate_kind(kind: &str) -> Result<()> {
+    let ok = !kind.is_empty()
+        && kind.len() <= 128
+        && kind.split('.').all(|w| {
+            !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "invalid job kind {kind:?}: use letters, digits, '-' and '_', with dots between words"
+        )))
+    }
+}
+
+/// Checks a namespace: one word of letters, digits, `-` and `_`.
+pub fn validate_namespace(ns: &str) -> Result<()> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 64
+        && ns
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "invalid namespace {ns:?}: use letters, digits, '-' and '_'"
+        )))
+    }
+}
+
+/// The names one namespace uses on both brokers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    ns: String,
+}
+
+impl Names {
+    /// Names for namespace `ns` (validated).
+    pub fn new(ns: &str) -> Result<Self> {
+        validate_namespace(ns)?;
+        Ok(Names { ns: ns.to_string() })
+    }
+
+    /// The namespace itself.
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// `<ns>.jobs.<kind>`: NATS subject of a kind's jobs.
+    pub fn job_subject(&self, kind: &str) -> String {
+        format!("{}.jobs.{kind}", self.ns)
+    }
+    /// `<ns>.results.<kind>`.
+    pub fn result_subject(&self, kind: &str) -> String {
+        format!("{}.results.{kind}", self.ns)
+    }
+    /// `<ns>.dead.<kind>`.
+    pub fn dead_subject(&self, kind: &str) -> String {
+        format!("{}.dead.{kind}", self.ns)
+    }
+    /// `<ns>.events.<kind>.<state>`.
+    pub fn event_subject(&self, kind: &str, state: &str) -> String {
+        format!("{}.events.{kind}.{state}", self.ns)
+    }
+    /// `<ns>.control.cancel`.
+    pub fn cancel_subject(&self) -> String {
+        format!("{}.control.cancel", self.ns)
+    }
+    /// Stream name for a class of subjects: `CONVEYOR_JOBS` for namespace `conveyor`.
+    pub fn stream(&self, class: &str) -> String {
+        let ns: String = self
+            .ns
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{ns}_{}", class.to_ascii_uppercase())
+    }
+    /// AMQP exchange for a class (`jobs`, `results`, `dead`, `events`, `control`): `<ns>.<class>`.
+    pub fn exchange(&self, class: &str) -> String {
+        format!("{}.{class}", self.ns)
+    }
+    /// AMQP queue that holds one kind's jobs.
+    pub fn job_queue(&self, kind: &str) -> String {
+        format!("{}.jobs.{kind}", self.ns)
+    }
+    /// AMQP alternate exchange and queue for jobs whose kind has no queue yet.
+    pub fn unrouted(&self) -> String {
+        format!("{}.jobs-unrouted", self.ns)
+    }
+    /// AMQP queue the aggregator consumes results from.
+    pub fn results_queue(&self) -> String {
+        format!("{}.results", self.ns)
+    }
+    /// AMQP queue that keeps dead letters.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+    /// AMQP delay queue for retries of `kind` after about `delay_ms`.
+    pub fn retry_queue(&self, kind: &str, delay_ms: u64) -> String {
+        format!("{}.retry.{kind}.{delay_ms}ms", self.ns)
+    }
+}
+
+/// A JetStream consumer name for a kind's shared worker consumer (no dots allowed there).
+pub fn consumer_name_for_kind(kind: &str) -> String {
+    // '.' is not allowed in consumer names; '=' is not allowed in kinds, so this is one-to-one.
+    format!("workers={}", kind.replace('.', "="))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds() {
+        for ok in ["echo", "wordcount.map", "a-b_c.d1"] {
+            assert!(validate_kind(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a..b", ".a", "a.", "a b", "a*", "a>", "ä"] {
+            assert!(validate_kind(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_follow_namespace() {
+        let n = Names::new("conveyor").expect("valid");
+        assert_eq!(n.stream("jobs"), "CONVEYOR_JOBS");
+        assert_eq!(n.job_subject("echo"), "conveyor.jobs.echo");
+        assert_eq!(n.exchange("results"), "conveyor.results");
+        assert_eq!(Names::new("t-1").expect("valid").stream("dead"), "T_1_DEAD");
+        assert!(Names::new("a.b").is_err());
+        assert_eq!(
+            consumer_name_for_kind("wordcount.map"),
+            "workers=wordcount=map"
+        );
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for s in [
+            Status::Succeeded,
+            Status::Failed,
+            Status::Dead,
+            Status::Cancelled,
+            Status::TimedOut,
+        ] {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Status::parse("nope"), None);
+    }
+}

@@ -1,0 +1,590 @@
+//! RabbitMQ adapter (lapin, with deadpool pools of connections and of confirm channels).
+//!
+//! Topology of namespace `<ns>`: durable topic exchanges `<ns>.jobs`, `<ns>.results`, `<ns>.dead`
+//! and `<ns>.events`, and the fanout `<ns>.control`. Each job kind has a quorum queue
+//! `<ns>.jobs.<kind>` bound with routing key `<kind>`, declared by the workers that take it. Jobs of
+//! a kind without a queue go through the alternate exchange into `<ns>.jobs-unrouted`, which the
+//! catch-all worker consumes, so no job is dropped. Retries wait in per-kind delay queues whose
+//! messages dead-letter back into `<ns>.jobs` when their TTL ends.
+
+use super::{
+    Acker, ConsumeOptions, Delivery, DeliveryStream, MessageStream, Route, Source, Transport,
+};
+use crate::broker_url::BrokerUrl;
+use crate::error::{Error, Result};
+use crate::message::{Headers, Message};
+use crate::protocol::{header, Names};
+use async_trait::async_trait;
+use deadpool::managed;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, ExchangeKind};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Channels kept for publishing.
+const PUBLISH_CHANNELS: usize = 8;
+/// How long a publish may wait for its confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Makes confirm-mode channels on pooled connections.
+struct ChannelManager {
+    connections: deadpool_lapin::Pool,
+}
+
+impl managed::Manager for ChannelManager {
+    type Type = lapin::Channel;
+    type Error = Error;
+
+    async fn create(&self) -> Result<lapin::Channel> {
+        let conn = self
+            .connections
+            .get()
+            .await
+            .map_err(|e| Error::broker("connect", e))?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| Error::broker("open channel", e))?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| Error::broker("confirm.select", e))?;
+        Ok(ch)
+    }
+
+    async fn recycle(
+        &self,
+        ch: &mut lapin::Channel,
+        _: &managed::Metrics,
+    ) -> managed::RecycleResult<Error> {
+        if ch.status().connected() {
+            Ok(())
+        } else {
+            Err(managed::RecycleError::message("channel closed"))
+        }
+    }
+}
+
+/// A RabbitMQ connection pool with the namespace's topology declared. Cheap to clone.
+#[derive(Clone)]
+pub struct AmqpTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connections: deadpool_lapin::Pool,
+    channels: managed::Pool<ChannelManager>,
+    names: Names,
+    retry_queues: Arc<Mutex<HashSet<String>>>,
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long("quorum"));
+    args
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+fn value_to_string(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::Float(f) => f.to_string(),
+        AMQPValue::Double(f) => f.to_string(),
+        _ => return None,
+    })
+}
+
+/// Conveyor headers from AMQP headers and properties (properties fill what headers lack).
+fn from_amqp(props: &BasicProperties) -> (Headers, u32) {
+    let mut h = Headers::new();
+    let mut delivery_count = 0u32;
+    if let Some(table) = props.headers() {
+        for (k, v) in table.inner() {
+            if k.as_str() == "x-delivery-count" {
+                delivery_count = value_to_string(v).and_then(|s| s.parse().ok()).unwrap_or(0);
+                continue;
+            }
+            if let Some(s) = value_to_string(v) {
+                h.insert(k.as_str(), s);
+            }
+        }
+    }
+    let fill = |h: &mut Headers, name: &str, v: &Option<ShortString>| {
+        if let Some(v) = v {
+            if h.get(name).is_none() && !v.as_str().is_empty() {
+                h.insert(name, v.as_str());
+            }
+        }
+    };
+    fill(&mut h, header::ID, props.message_id());
+    fill(&mut h, header::CONTENT_TYPE, props.content_type());
+    fill(&mut h, header::REPLY_TO, props.reply_to());
+    fill(&mut h, header::CORRELATION_ID, props.correlation_id());
+    (h, delivery_count)
+}
+
+fn to_amqp(h: &Headers) -> BasicProperties {
+    let mut table = FieldTable::default();
+    for (k, v) in h.iter() {
+        table.insert(k.into(), long(v));
+    }
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(table);
+    if let Some(id) = h.get(header::ID) {
+        props = props.with_message_id(id.into());
+    }
+    if let Some(ct) = h.get(header::CONTENT_TYPE) {
+        props = props.with_content_type(ct.into());
+    }
+    if let Some(c) = h.get(header::CORRELATION_ID) {
+        props = props.with_correlation_id(c.into());
+    }
+    props
+}
+
+impl AmqpTransport {
+    /// Connects and declares the namespace's exchanges and shared queues.
+    pub async fn connect(url: &BrokerUrl, names: Names) -> Result<Self> {
+        let inner = Inner::connect(url, names).await?;
+        Ok(AmqpTransport {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+impl Inner {
+    async fn connect(url: &BrokerUrl, names: Names) -> Result<Self> {
+        let cfg = deadpool_lapin::Config {
+            url: Some(url.expose().to_string()),
+            pool: Some(deadpool_lapin::PoolConfig::new(4)),
+        };
+        let connections = cfg
+            .create_pool(
+                || lapin::ConnectionProperties::default().enable_auto_recover(),
+                deadpool_lapin::Runtime::Tokio1,
+            )
+            .map_err(|e| Error::Config(format!("RabbitMQ pool: {e}")))?;
+        let channels = managed::Pool::builder(ChannelManager {
+            connections: connections.clone(),
+        })
+        .max_size(PUBLISH_CHANNELS)
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .map_err(|e| Error::Config(format!("channel pool: {e}")))?;
+        let t = Inner {
+            connections,
+            channels,
+            names,
+            retry_queues: Arc::default(),
+        };
+        t.declare().await?;
+        Ok(t)
+    }
+
+    async fn channel(&self) -> Result<lapin::Channel> {
+        let conn = self
+            .connections
+            .get()
+            .await
+            .map_err(|e| Error::broker("connect", e))?;
+        conn.create_channel()
+            .await
+            .map_err(|e| Error::broker("open channel", e))
+    }
+
+    async fn declare(&self) -> Result<()> {
+        let n = &self.names;
+        let ch = self.channel().await?;
+        let ex = |name: String, kind: ExchangeKind, args: FieldTable| {
+            let ch = ch.clone();
+            async move {
+                ch.exchange_declare(
+                    name.as_str().into(),
+                    kind,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    args,
+                )
+                .await
+                .map_err(|e| Error::broker("declare exchange", e))
+            }
+        };
+        let mut jobs_args = FieldTable::default();
+        jobs_args.insert("alternate-exchange".into(), long(&n.unrouted()));
+        ex(n.unrouted(), ExchangeKind::Fanout, FieldTable::default()).await?;
+        ex(n.exchange("jobs"), ExchangeKind::Topic, jobs_args).await?;
+        ex(
+            n.exchange("results"),
+            ExchangeKind::Topic,
+            FieldTable::default(),
+        )
+        .await?;
+        ex(
+            n.exchange("dead"),
+            ExchangeKind::Topic,
+            FieldTable::default(),
+        )
+        .await?;
+        ex(
+            n.exchange("events"),
+            ExchangeKind::Topic,
+            FieldTable::default(),
+        )
+        .await?;
+        ex(
+            n.exchange("control"),
+            ExchangeKind::Fanout,
+            FieldTable::default(),
+        )
+        .await?;
+        self.queue(&ch, &n.unrouted(), &n.unrouted(), "", quorum_args())
+            .await?;
+        self.queue(
+            &ch,
+            &n.results_queue(),
+            &n.exchange("results"),
+            "#",
+            quorum_args(),
+        )
+        .await?;
+        self.queue(
+            &ch,
+            &n.dead_queue(),
+            &n.exchange("dead"),
+            "#",
+            quorum_args(),
+        )
+        .await?;
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    async fn queue(
+        &self,
+        ch: &lapin::Channel,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        args: FieldTable,
+    ) -> Result<()> {
+        ch.queue_declare(queue.into(), durable(), args)
+            .await
+            .map_err(|e| Error::broker("declare queue", e))?;
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| Error::broker("bind queue", e))
+    }
+
+    /// Declares (once per process) the delay queue for `kind` and `delay_ms`.
+    async fn retry_queue(&self, kind: &str, delay_ms: u64) -> Result<String> {
+        let name = self.names.retry_queue(kind, delay_ms);
+        if self.lock_retry().contains(&name) {
+            return Ok(name);
+        }
+        let mut args = quorum_args();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay_ms as i64),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            long(&self.names.exchange("jobs")),
+        );
+        args.insert("x-dead-letter-routing-key".into(), long(kind));
+        args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+        args.insert("x-overflow".into(), long("reject-publish"));
+        let ch = self.channel().await?;
+        ch.queue_declare(name.as_str().into(), durable(), args)
+            .await
+            .map_err(|e| Error::broker("declare retry queue", e))?;
+        let _ = ch.close(200, "declared".into()).await;
+        self.lock_retry().insert(name.clone());
+        Ok(name)
+    }
+
+    fn lock_retry(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.retry_queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn publish_raw(
+        &self,
+        exchange: &str,
+        key: &str,
+        mandatory: bool,
+        msg: &Message,
+    ) -> Result<()> {
+        let target = format!("{exchange}/{key}");
+        let ch = self
+            .channels
+            .get()
+            .await
+            .map_err(|e| Error::broker("channel pool", PoolError(e.to_string())))?;
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                &msg.body,
+                to_amqp(&msg.headers),
+            )
+            .await
+            .map_err(|e| Error::NotConfirmed {
+                target: target.clone(),
+                reason: e.to_string(),
+            })?;
+        drop(ch);
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "publisher confirm"))?
+            .map_err(|e| Error::NotConfirmed {
+                target: target.clone(),
+                reason: e.to_string(),
+            })?;
+        if confirmation.is_nack() {
+            return Err(Error::NotConfirmed {
+                target,
+                reason: "broker sent a negative confirm".into(),
+            });
+        }
+        if let Some(returned) = confirmation.take_message() {
+            return Err(Error::NotConfirmed {
+                target,
+                reason: format!("returned as unroutable: {}", returned.reply_text),
+            });
+        }
+        Ok(())
+    }
+
+    async fn consume_queue(
+        &self,
+        queue: String,
+        opts: ConsumeOptions,
+        no_ack: bool,
+    ) -> Result<(lapin::Channel, lapin::Consumer)> {
+        let ch = self.channel().await?;
+        if !no_ack {
+            ch.basic_qos(opts.prefetch.max(1), BasicQosOptions::default())
+                .await
+                .map_err(|e| Error::broker("basic.qos", e))?;
+        }
+        let consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::broker("basic.consume", e))?;
+        Ok((ch, consumer))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PoolError(String);
+
+/// Kind of a delivered job: its routing key (jobs from delay queues keep the original key).
+fn kind_of(d: &lapin::message::Delivery) -> String {
+    d.routing_key.as_str().to_string()
+}
+
+struct AmqpAcker {
+    acker: lapin::Acker,
+    kind: String,
+    transport: Arc<Inner>,
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(drop)
+            .map_err(|e| Error::broker("ack", e))
+    }
+    async fn nack(self: Box<Self>) -> Result<()> {
+        self.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .map(drop)
+            .map_err(|e| Error::broker("nack", e))
+    }
+    async fn retry(self: Box<Self>, next: Message, delay: Duration) -> Result<()> {
+        // Round up to a power of two of milliseconds so a handful of delay queues serve all waits.
+        let ms = (delay.as_millis().clamp(1, 1 << 31) as u64).next_power_of_two();
+        let queue = self.transport.retry_queue(&self.kind, ms).await?;
+        self.transport.publish_raw("", &queue, true, &next).await?;
+        self.ack().await
+    }
+    async fn progress(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Transport for AmqpTransport {
+    fn names(&self) -> &Names {
+        &self.inner.names
+    }
+
+    async fn publish(&self, route: Route, msg: Message) -> Result<()> {
+        let t = &self.inner;
+        let n = &t.names;
+        match &route {
+            Route::Job(kind) => t.publish_raw(&n.exchange("jobs"), kind, true, &msg).await,
+            Route::Result(kind) => {
+                t.publish_raw(&n.exchange("results"), kind, true, &msg)
+                    .await
+            }
+            Route::Dead(kind) => t.publish_raw(&n.exchange("dead"), kind, true, &msg).await,
+            Route::Reply(to) => t.publish_raw("", to, false, &msg).await,
+        }
+    }
+
+    async fn consume(&self, source: Source, opts: ConsumeOptions) -> Result<DeliveryStream> {
+        let t = &self.inner;
+        let n = &t.names;
+        let queue = match &source {
+            Source::Kind(kind) => {
+                let ch = t.channel().await?;
+                t.queue(
+                    &ch,
+                    &n.job_queue(kind),
+                    &n.exchange("jobs"),
+                    kind,
+                    quorum_args(),
+                )
+                .await?;
+                let _ = ch.close(200, "declared".into()).await;
+                n.job_queue(kind)
+            }
+            Source::Unrouted(_) => n.unrouted(),
+            Source::Results(group) if group == "aggregator" => n.results_queue(),
+            Source::Dead(group) if group == "dead" => n.dead_queue(),
+            Source::Results(group) | Source::Dead(group) => {
+                let (class, base) = match &source {
+                    Source::Results(_) => ("results", n.results_queue()),
+                    _ => ("dead", n.dead_queue()),
+                };
+                let q = format!("{base}.{group}");
+                let ch = t.channel().await?;
+                t.queue(&ch, &q, &n.exchange(class), "#", quorum_args())
+                    .await?;
+                let _ = ch.close(200, "declared".into()).await;
+                q
+            }
+        };
+        let (ch, consumer) = t.consume_queue(queue, opts, false).await?;
+        let transport = self.inner.clone();
+        Ok(consumer
+            .map(move |item| {
+                let _keep_channel_open = &ch;
+                let d = item.map_err(|e| Error::broker("consume", e))?;
+                let (headers, redeliveries) = from_amqp(&d.properties);
+                let kind = kind_of(&d);
+                let broker_id = format!("amqp-{}", crate::job::new_id());
+                Ok(Delivery::new(
+                    kind.clone(),
+                    Message::new(headers, d.data),
+                    redeliveries + 1,
+                    broker_id,
+                    Box::new(AmqpAcker {
+                        acker: d.acker,
+                        kind,
+                        transport: transport.clone(),
+                    }),
+                ))
+            })
+            .boxed())
+    }
+
+    async fn reply_inbox(&self) -> Result<(String, MessageStream)> {
+        let ch = self.inner.channel().await?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::broker("declare reply queue", e))?;
+        let name = q.name().as_str().to_string();
+        let consumer = ch
+            .basic_consume(
+                name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::broker("basic.consume", e))?;
+        let stream = consumer
+            .filter_map(move |d| {
+                let _keep_channel_open = &ch;
+                futures::future::ready(d.ok().map(|d| {
+                    let (h, _) = from_amqp(&d.properties);
+                    Message::new(h, d.data)
+                }))
+            })
+            .boxed();
+        Ok((name, stream))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.channels.close();
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+//! The broker boundary. The rest of the library sees only [`Transport`], [`Delivery`] and
+//! [`Message`]; `async_nats` and `lapin` types stay inside their adapter modules.
+
+use crate::broker_url::{BrokerKind, BrokerUrl};
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::protocol::Names;
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[cfg(feature = "amqp")]
+pub mod amqp;
+#[cfg(feature = "nats")]
+pub mod nats;
+
+/// Where a published message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// A job of this kind (durable, confirmed).
+    Job(String),
+    /// A final result of a job of this kind (durable, confirmed).
+    Result(String),
+    /// A dead letter of a job of this kind (durable, confirmed).
+    Dead(String),
+    /// A reply address a waiting client gave (best effort: the waiter may be gone).
+    Reply(String),
+}
+
+/// What to consume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// One kind's jobs, shared with every worker that takes the kind.
+    Kind(String),
+    /// Jobs whose kind no worker has declared yet: the catch-all worker's share. The kinds
+    /// listed are consumed separately by the caller.
+    Unrouted(Vec<String>),
+    /// All results, for the named reader (the aggregator is `aggregator`).
+    Results(String),
+    /// All dead letters, for the named reader.
+    Dead(String),
+}
+
+/// Settles one delivery with the broker. Implemented by each adapter.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Done: remove the message.
+    async fn ack(self: Box<Self>) -> Result<()>;
+    /// Hand the message back for redelivery now (shutdown, drain).
+    async fn nack(self: Box<Self>) -> Result<()>;
+    /// Redeliver after `delay`; `next` is the message as the next attempt should see it.
+    async fn retry(self: Box<Self>, next: Message, delay: Duration) -> Result<()>;
+    /// Still working: extend the lease (no-op where the broker has no lease).
+    async fn progress(&self) -> Result<()>;
+}
+
+/// One message delivered from a durable source. It must be settled once, by value:
+/// [`Delivery::ack`], [`Delivery::nack`] or [`Delivery::retry`].
+pub struct Delivery {
+    /// Kind, from the subject or routing key (`""` for results and dead letters without one).
+    pub kind: String,
+    /// The message, headers normalized (AMQP properties appear as Conveyor headers).
+    pub message: Message,
+    /// How many times the broker has delivered this message, from 1.
+    pub delivery_count: u32,
+    /// An id derived from the broker's own message identity, for jobs published without one.
+    pub broker_id: String,
+    acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("kind", &self.kind)
+            .field("delivery_count", &self.delivery_count)
+            .field("broker_id", &self.broker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// Builds a delivery (for adapters).
+    pub fn new(
+        kind: String,
+        message: Message,
+        delivery_count: u32,
+        broker_id: String,
+        acker: Box<dyn Acker>,
+    ) -> Self {
+        Delivery {
+            kind,
+            message,
+            delivery_count: delivery_count.max(1),
+            broker_id,
+            acker,
+        }
+    }
+
+    /// Acknowledges: the broker forgets the message.
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Hands the message back for immediate redelivery.
+    pub async fn nack(self) -> Result<()> {
+        self.acker.nack().await
+    }
+
+    /// Schedules redelivery of `next` after `delay`.
+    pub async fn retry(self, next: Message, delay: Duration) -> Result<()> {
+        self.acker.retry(next, delay).await
+    }
+
+    /// Extends the lease while a long job runs.
+    pub async fn progress(&self) -> Result<()> {
+        self.acker.progress().await
+    }
+}
+
+/// A stream of deliveries; an `Err` item is a broker error the consumer may log and survive.
+pub type DeliveryStream = BoxStream<'static, Result<Delivery>>;
+/// A stream of plain messages (replies).
+pub type MessageStream = BoxStream<'static, Message>;
+
+/// Settings of consumers that the broker enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumeOptions {
+    /// Messages delivered but not yet settled, at most (pull batch / prefetch).
+    pub prefetch: u16,
+    /// How long a delivered job may go without ack or progress before redelivery
+    /// (JetStream AckWait; RabbitMQ redelivers when the connection drops instead).
+    pub lease: Duration,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> Self {
+        ConsumeOptions {
+            prefetch: 32,
+            lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A broker connection with the Conveyor topology of one namespace.
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// The namespace's names.
+    fn names(&self) -> &Names;
+
+    /// Publishes and waits for the broker's confirm. An unroutable or refused message is an error.
+    async fn publish(&self, route: Route, msg: Message) -> Result<()>;
+
+    /// Consumes a durable source.
+    async fn consume(&self, source: Source, opts: ConsumeOptions) -> Result<DeliveryStream>;
+
+    /// Opens a private reply address and the stream of what arrives there.
+    async fn reply_inbox(&self) -> Result<(String, MessageStream)>;
+
+    /// Settles everything in flight and closes the connection cleanly.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Connects to the broker the URL names and declares the namespace's topology.
+pub async fn connect(url: &BrokerUrl, namespace: &str) -> Result<Arc<dyn Transport>> {
+    let names = Names::new(namespace)?;
+    match url.kind() {
+        #[cfg(feature = "nats")]
+        BrokerKind::Nats => Ok(Arc::new(nats::NatsTransport::connect(url, names).await?)),
+        #[cfg(feature = "amqp")]
+        BrokerKind::Amqp => Ok(Arc::new(amqp::AmqpTransport::connect(url, names).await?)),
+        #[allow(unreachable_patterns)]
+        other => Err(Error::Config(format!(
+            "this build has no {other:?} support: enable the cargo feature"
+        ))),
+    }
+}
+
+/// Connects, retrying transient failures with backoff until `patience` runs out.
+pub async fn connect_with_retry(
+    url: &BrokerUrl,
+    namespace: &str,
+    patience: Duration,
+) -> Result<Arc<dyn Transport>> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match connect(url, namespace).await {
+            Ok(t) => return Ok(t),
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + wait < deadline => {
+                tracing::warn!(broker = %url, error = %e, "broker not reachable, retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

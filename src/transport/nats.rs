@@ -1,0 +1,361 @@
+//! NATS JetStream adapter.
+//!
+//! Streams (names follow the namespace): `<NS>_JOBS` on `<ns>.jobs.>` with work-queue retention (a
+//! job leaves the stream when acked), `<NS>_RESULTS` on `<ns>.results.>` and `<NS>_DEAD` on
+//! `<ns>.dead.>` with limits retention. Each job kind has one durable pull consumer,
+//! `workers=<kind>`, that all worker replicas share; its filter is exactly that kind's subject, so
+//! consumers never overlap on the work-queue stream.
+
+use super::{
+    Acker, ConsumeOptions, Delivery, DeliveryStream, MessageStream, Route, Source, Transport,
+};
+use crate::broker_url::BrokerUrl;
+use crate::error::{Error, Result};
+use crate::message::{Headers, Message};
+use crate::protocol::{consumer_name_for_kind, header, Names};
+use async_nats::jetstream::{self, consumer::pull, stream, AckKind};
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// How long a publish may wait for its PubAck.
+const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// JetStream de-duplication window: a publish retried within it is stored once.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How often the catch-all worker looks for job subjects that no consumer serves.
+const DISCOVERY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A NATS connection with the namespace's streams declared.
+pub struct NatsTransport {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    names: Names,
+}
+
+fn to_nats_headers(h: &Headers) -> async_nats::HeaderMap {
+    let mut map = async_nats::HeaderMap::new();
+    for (k, v) in h.iter() {
+        map.insert(k, v);
+    }
+    map
+}
+
+fn from_nats_headers(h: Option<&async_nats::HeaderMap>) -> Headers {
+    let mut out = Headers::new();
+    if let Some(h) = h {
+        for (k, values) in h.iter() {
+            if let Some(v) = values.first() {
+                out.insert(k.to_string(), v.as_str());
+            }
+        }
+    }
+    out
+}
+
+impl NatsTransport {
+    /// Connects and declares the streams.
+    pub async fn connect(url: &BrokerUrl, names: Names) -> Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("conveyor-{}", names.namespace()))
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url.expose())
+            .await
+            .map_err(|e| Error::broker("connect", e))?;
+        let js = jetstream::ContextBuilder::new()
+            .ack_timeout(PUBLISH_ACK_TIMEOUT)
+            .build(client.clone());
+        let t = NatsTransport { client, js, names };
+        t.declare().await?;
+        Ok(t)
+    }
+
+    async fn declare(&self) -> Result<()> {
+        let n = &self.names;
+        let ns = n.namespace();
+        let streams = [
+            (
+                n.stream("jobs"),
+                format!("{ns}.jobs.>"),
+                stream::RetentionPolicy::WorkQueue,
+                Duration::ZERO,
+            ),
+            (
+                n.stream("results"),
+                format!("{ns}.results.>"),
+                stream::RetentionPolicy::Limits,
+                Duration::from_secs(7 * 86_400),
+            ),
+            (
+                n.stream("dead"),
+                format!("{ns}.dead.>"),
+                stream::RetentionPolicy::Limits,
+                Duration::from_secs(30 * 86_400),
+            ),
+        ];
+        for (name, subject, retention, max_age) in streams {
+            self.js
+                .get_or_create_stream(stream::Config {
+                    name,
+                    subjects: vec![subject],
+                    retention,
+                    max_age,
+                    storage: stream::StorageType::File,
+                    duplicate_window: DUPLICATE_WINDOW,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| Error::broker("declare stream", e))?;
+        }
+        Ok(())
+    }
+
+    async fn pull(
+        &self,
+        stream_name: String,
+        durable: String,
+        filter: String,
+        opts: ConsumeOptions,
+    ) -> Result<DeliveryStream> {
+        let stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| Error::broker("get stream", e))?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &durable,
+                pull::Config {
+                    durable_name: Some(durable.clone()),
+                    filter_subject: filter,
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: opts.lease,
+                    max_deliver: -1,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| Error::broker("create consumer", e))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(usize::from(opts.prefetch.max(1)))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| Error::broker("pull", e))?;
+        let prefix_len = self.names.namespace().len() + 1;
+        Ok(messages
+            .map(move |item| {
+                let msg = item.map_err(|e| Error::broker("pull", e))?;
+                Ok(to_delivery(msg, prefix_len))
+            })
+            .boxed())
+    }
+
+    /// Consumes, for the catch-all worker, every job subject that has messages and no consumer
+    /// of its own yet (other than `skip`), by creating that kind's shared consumer.
+    fn discover(&self, skip: Vec<String>, opts: ConsumeOptions) -> DeliveryStream {
+        let (tx, rx) =
+            futures::channel::mpsc::channel::<Result<Delivery>>(usize::from(opts.prefetch.max(1)));
+        let js = self.js.clone();
+        let names = self.names.clone();
+        let this = NatsTransport {
+            client: self.client.clone(),
+            js: self.js.clone(),
+            names: self.names.clone(),
+        };
+        tokio::spawn(async move {
+            let mut served: HashSet<String> = skip.into_iter().collect();
+            let prefix = format!("{}.jobs.", names.namespace());
+            loop {
+                if tx.is_closed() {
+                    return;
+                }
+                let subjects = match js.get_stream(names.stream("jobs")).await {
+                    Ok(s) => match s.info_with_subjects(format!("{prefix}>")).await {
+                        Ok(info) => info.try_collect::<Vec<_>>().await.unwrap_or_default(),
+                        Err(_) => Vec::new(),
+                    },
+                    Err(_) => Vec::new(),
+                };
+                for (subject, _count) in subjects {
+                    let Some(kind) = subject.strip_prefix(&prefix).map(str::to_string) else {
+                        continue;
+                    };
+                    if served.contains(&kind) {
+                        continue;
+                    }
+                    match this.consume(Source::Kind(kind.clone()), opts).await {
+                        Ok(mut stream) => {
+                            tracing::info!(%kind, "serving jobs of a kind no other consumer takes");
+                            served.insert(kind);
+                            let mut tx = tx.clone();
+                            tokio::spawn(async move {
+                                use futures::SinkExt;
+                                while let Some(d) = stream.next().await {
+                                    if tx.send(d).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(%kind, error = %e, "could not consume unrouted kind")
+                        }
+                    }
+                }
+                tokio::time::sleep(DISCOVERY_INTERVAL).await;
+            }
+        });
+        rx.boxed()
+    }
+}
+
+fn to_delivery(msg: jetstream::Message, prefix_len: usize) -> Delivery {
+    let (count, broker_id) = match msg.info() {
+        Ok(info) => (
+            u32::try_from(info.delivered).unwrap_or(1),
+            format!("{}-{}", info.stream, info.stream_sequence),
+        ),
+        Err(_) => (1, crate::job::new_id()),
+    };
+    let (msg, acker) = msg.split();
+    // Subject is "<ns>.<class>.<kind>": strip "<ns>." and the class word.
+    let kind = msg
+        .subject
+        .get(prefix_len..)
+        .and_then(|rest| rest.split_once('.'))
+        .map(|(_, kind)| kind.to_string())
+        .unwrap_or_default();
+    let message = Message::new(from_nats_headers(msg.headers.as_ref()), msg.payload);
+    Delivery::new(kind, message, count, broker_id, Box::new(NatsAcker(acker)))
+}
+
+struct NatsAcker(jetstream::message::Acker);
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.0.ack().await.map_err(|e| Error::Broker {
+            op: "ack",
+            source: e,
+        })
+    }
+    async fn nack(self: Box<Self>) -> Result<()> {
+        self.0
+            .ack_with(AckKind::Nak(None))
+            .await
+            .map_err(|e| Error::Broker {
+                op: "nak",
+                source: e,
+            })
+    }
+    async fn retry(self: Box<Self>, _next: Message, delay: Duration) -> Result<()> {
+        // The redelivery count carries the attempt number on JetStream.
+        self.0
+            .ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| Error::Broker {
+                op: "delayed nak",
+                source: e,
+            })
+    }
+    async fn progress(&self) -> Result<()> {
+        self.0
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(|e| Error::Broker {
+                op: "progress",
+                source: e,
+            })
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn names(&self) -> &Names {
+        &self.names
+    }
+
+    async fn publish(&self, route: Route, msg: Message) -> Result<()> {
+        let id = msg.headers.get(header::ID).unwrap_or_default().to_string();
+        let (subject, dedup) = match &route {
+            Route::Job(kind) => (self.names.job_subject(kind), id),
+            Route::Result(kind) => (self.names.result_subject(kind), format!("result:{id}")),
+            Route::Dead(kind) => (self.names.dead_subject(kind), format!("dead:{id}")),
+            Route::Reply(to) => {
+                return self
+                    .client
+                    .publish_with_headers(to.clone(), to_nats_headers(&msg.headers), msg.body)
+                    .await
+                    .map_err(|e| Error::broker("reply", e));
+            }
+        };
+        let mut publish = jetstream::message::PublishMessage::build()
+            .payload(msg.body)
+            .headers(to_nats_headers(&msg.headers));
+        if !dedup.is_empty() {
+            publish = publish.message_id(dedup);
+        }
+        let ack = self
+            .js
+            .send_publish(subject.clone(), publish)
+            .await
+            .map_err(|e| Error::NotConfirmed {
+                target: subject.clone(),
+                reason: e.to_string(),
+            })?;
+        ack.await.map_err(|e| Error::NotConfirmed {
+            target: subject,
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    async fn consume(&self, source: Source, opts: ConsumeOptions) -> Result<DeliveryStream> {
+        let n = &self.names;
+        let ns = n.namespace();
+        match source {
+            Source::Kind(kind) => {
+                self.pull(
+                    n.stream("jobs"),
+                    consumer_name_for_kind(&kind),
+                    n.job_subject(&kind),
+                    opts,
+                )
+                .await
+            }
+            Source::Unrouted(skip) => Ok(self.discover(skip, opts)),
+            Source::Results(group) => {
+                self.pull(n.stream("results"), group, format!("{ns}.results.>"), opts)
+                    .await
+            }
+            Source::Dead(group) => {
+                self.pull(n.stream("dead"), group, format!("{ns}.dead.>"), opts)
+                    .await
+            }
+        }
+    }
+
+    async fn reply_inbox(&self) -> Result<(String, MessageStream)> {
+        let inbox = self.client.new_inbox();
+        let sub = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| Error::broker("subscribe", e))?;
+        let stream = sub
+            .map(|m| Message::new(from_nats_headers(m.headers.as_ref()), m.payload))
+            .boxed();
+        Ok((inbox, stream))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.client
+            .flush()
+            .await
+            .map_err(|e| Error::broker("flush", e))
+    }
+}

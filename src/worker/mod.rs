@@ -1,0 +1,309 @@
+//! The worker runtime: consumes jobs of the registered kinds, runs at most `concurrency` at once,
+//! and settles each delivery exactly once (see [`process`]).
+//!
+//! Shutdown: when `shutdown` fires the worker stops taking jobs, lets running ones finish until
+//! `drain_timeout` (or `force`), hands the rest back to the broker, and closes the connection.
+
+pub mod backoff;
+pub mod builtin;
+pub mod process;
+pub mod registry;
+
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::transport::{ConsumeOptions, Delivery, DeliveryStream, Route, Source, Transport};
+use backoff::Backoff;
+use futures::{FutureExt, StreamExt};
+pub use registry::{handler_fn, Handler, Job, JobContext, Registry};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Worker settings (the `conveyor-worker` flags).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Kinds to take; `None` takes every kind of the namespace (unknown ones are dead-lettered).
+    pub kinds: Option<Vec<String>>,
+    /// Jobs run at once; also the broker prefetch per kind.
+    pub concurrency: usize,
+    /// Bodies larger than this are dead-lettered unread.
+    pub max_body_bytes: usize,
+    /// How long running jobs may take to finish after shutdown is requested.
+    pub drain_timeout: Duration,
+    /// Lease of a delivered job before the broker redelivers it (JetStream AckWait).
+    pub lease: Duration,
+    /// How long a timed-out handler gets to stop.
+    pub timeout_grace: Duration,
+    /// Retry delays.
+    pub backoff: Backoff,
+    /// Name on results (`Conveyor-Worker`).
+    pub worker_id: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            kinds: None,
+            concurrency: default_concurrency(),
+            max_body_bytes: 1024 * 1024,
+            drain_timeout: Duration::from_secs(30),
+            lease: Duration::from_secs(30),
+            timeout_grace: process::DEFAULT_TIMEOUT_GRACE,
+            backoff: Backoff::default(),
+            worker_id: default_worker_id(),
+        }
+    }
+}
+
+/// Number of CPUs × 4.
+pub fn default_concurrency() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        * 4
+}
+
+/// `<host>-<pid>`.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Counters of what a worker did.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Jobs that succeeded.
+    pub succeeded: AtomicU64,
+    /// Attempts scheduled for retry.
+    pub retried: AtomicU64,
+    /// Jobs dead-lettered.
+    pub dead: AtomicU64,
+    /// Jobs ended otherwise (cancelled).
+    pub ended: AtomicU64,
+    /// Deliveries handed back.
+    pub handed_back: AtomicU64,
+}
+
+/// What the worker shares with its job tasks.
+pub struct Shared {
+    /// The broker.
+    pub transport: Arc<dyn Transport>,
+    /// Kinds and handlers.
+    pub registry: Registry,
+    /// Settings.
+    pub config: WorkerConfig,
+    /// Counters.
+    pub counters: Counters,
+}
+
+impl Shared {
+    /// Publishes with the broker's confirm, retrying transient failures (same message, so the
+    /// same id) for up to about 30 s.
+    pub async fn publish_retrying(&self, route: Route, msg: Message) -> Result<()> {
+        publish_retrying(self.transport.as_ref(), route, msg, Duration::from_secs(30)).await
+    }
+}
+
+/// Publishes with confirms, retrying transient failures with backoff until `patience` runs out.
+pub async fn publish_retrying(
+    transport: &dyn Transport,
+    route: Route,
+    msg: Message,
+    patience: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match transport.publish(route.clone(), msg.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + wait < deadline => {
+                tracing::warn!(?route, error = %e, "publish not confirmed, retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A running worker's final counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    /// Jobs that succeeded.
+    pub succeeded: u64,
+    /// Attempts scheduled for retry.
+    pub retried: u64,
+    /// Jobs dead-lettered.
+    pub dead: u64,
+    /// Deliveries handed back to the broker.
+    pub handed_back: u64,
+}
+
+/// Runs a worker until `shutdown`, then drains (see the module docs).
+pub async fn run(
+    transport: Arc<dyn Transport>,
+    mut registry: Registry,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) -> Result<WorkerReport> {
+    if config.concurrency == 0 {
+        return Err(Error::Config("--concurrency must be at least 1".into()));
+    }
+    if let Some(kinds) = &config.kinds {
+        registry.retain(kinds)?;
+    }
+    let prefetch = u16::try_from(config.concurrency).unwrap_or(u16::MAX);
+    let opts = ConsumeOptions {
+        prefetch,
+        lease: config.lease,
+    };
+    let mut sources = Vec::new();
+    for kind in registry.kinds() {
+        sources.push((
+            kind.clone(),
+            transport.consume(Source::Kind(kind), opts).await?,
+        ));
+    }
+    if config.kinds.is_none() {
+        let unrouted = transport
+            .consume(Source::Unrouted(registry.kinds()), opts)
+            .await?;
+        sources.push(("(unrouted)".to_string(), unrouted));
+    }
+    tracing::info!(
+        worker = %config.worker_id,
+        kinds = ?registry.kinds(),
+        catch_all = config.kinds.is_none(),
+        concurrency = config.concurrency,
+        "worker started"
+    );
+    let shared = Arc::new(Shared {
+        transport: transport.clone(),
+        registry,
+        config,
+        counters: Counters::default(),
+    });
+    let permits = Arc::new(Semaphore::new(shared.config.concurrency));
+    let jobs = TaskTracker::new();
+    let abandon = CancellationToken::new();
+    let pumps = TaskTracker::new();
+    for (name, stream) in sources {
+        pumps.spawn(pump(
+            name,
+            stream,
+            shared.clone(),
+            permits.clone(),
+            jobs.clone(),
+            shutdown.clone(),
+            abandon.clone(),
+        ));
+    }
+    pumps.close();
+    shutdown.cancelled().await;
+    tracing::info!("no longer taking jobs; draining");
+    pumps.wait().await;
+    jobs.close();
+    let drain = shared.config.drain_timeout;
+    tokio::select! {
+        _ = jobs.wait() => tracing::info!("all running jobs finished"),
+        _ = tokio::time::sleep(drain) => tracing::warn!("drain timeout of {drain:?} reached; handing running jobs back"),
+        _ = force.cancelled() => tracing::warn!("forced shutdown; handing running jobs back"),
+    }
+    abandon.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), jobs.wait()).await;
+    transport.close().await?;
+    let c = &shared.counters;
+    let report = WorkerReport {
+        succeeded: c.succeeded.load(Ordering::Relaxed),
+        retried: c.retried.load(Ordering::Relaxed),
+        dead: c.dead.load(Ordering::Relaxed),
+        handed_back: c.handed_back.load(Ordering::Relaxed),
+    };
+    tracing::info!(?report, "worker stopped");
+    Ok(report)
+}
+
+/// Moves deliveries from one source into job tasks, one permit each.
+async fn pump(
+    name: String,
+    mut stream: DeliveryStream,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    jobs: TaskTracker,
+    shutdown: CancellationToken,
+    abandon: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            d = stream.next() => d,
+        };
+        let delivery = match next {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                tracing::warn!(source = %name, error = %e, "consumer error");
+                continue;
+            }
+            None => {
+                tracing::warn!(source = %name, "consumer ended");
+                break;
+            }
+        };
+        let Some(permit) = wait_permit(&permits, &delivery, &shutdown, shared.config.lease).await
+        else {
+            let _ = delivery.nack().await;
+            break;
+        };
+        let shared = shared.clone();
+        let abandon = abandon.clone();
+        jobs.spawn(async move {
+            let outcome = process::process(shared.clone(), delivery, abandon).await;
+            drop(permit);
+            let c = &shared.counters;
+            let counter = match outcome {
+                process::Outcome::Succeeded => &c.succeeded,
+                process::Outcome::Retried => &c.retried,
+                process::Outcome::Dead => &c.dead,
+                process::Outcome::Ended => &c.ended,
+                process::Outcome::HandedBack => &c.handed_back,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    // Hand back what the consumer had already buffered.
+    while let Some(Some(item)) = stream.next().now_or_never() {
+        if let Ok(d) = item {
+            let _ = d.nack().await;
+        }
+    }
+}
+
+/// Waits for a free slot, extending the delivery's lease meanwhile. `None` on shutdown.
+async fn wait_permit(
+    permits: &Arc<Semaphore>,
+    delivery: &Delivery,
+    shutdown: &CancellationToken,
+    lease: Duration,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let mut ticker = tokio::time::interval(lease / 3);
+    ticker.tick().await;
+    let acquire = permits.clone().acquire_owned();
+    tokio::pin!(acquire);
+    loop {
+        tokio::select! {
+            p = &mut acquire => return p.ok(),
+            _ = shutdown.cancelled() => return None,
+            _ = ticker.tick() => { let _ = delivery.progress().await; }
+        }
+    }
+}

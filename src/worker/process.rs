@@ -1,0 +1,340 @@
+//! One delivery, from broker to settled: validate, run, then publish the result (confirmed)
+//! before acking, retry with backoff, or dead-letter with the reason.
+
+use super::registry::{Handler, Job};
+use super::Shared;
+use crate::codec::Codec;
+use crate::error::Result;
+use crate::job::{JobError, JobMeta};
+use crate::message::{header_safe, Headers, Message};
+use crate::protocol::{header, Status};
+use crate::transport::{Delivery, Route};
+use futures::FutureExt;
+use serde_json::Value;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// How a delivery ended, for counters and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Result published, job acked.
+    Succeeded,
+    /// Scheduled for another attempt.
+    Retried,
+    /// Dead-lettered.
+    Dead,
+    /// Ended with a final status other than succeeded (cancelled).
+    Ended,
+    /// Handed back to the broker (shutdown) or left unsettled after a broker error.
+    HandedBack,
+}
+
+/// Runs one delivery to its end. Never panics on input; broker errors leave the delivery to be
+/// redelivered.
+pub async fn process(
+    shared: Arc<Shared>,
+    delivery: Delivery,
+    abandon: CancellationToken,
+) -> Outcome {
+    let kind = delivery.kind.clone();
+    let body_len = delivery.message.body.len();
+    if body_len > shared.config.max_body_bytes {
+        let reason = format!(
+            "body of {body_len} bytes exceeds the limit of {} bytes",
+            shared.config.max_body_bytes
+        );
+        let meta = fallback_meta(&delivery, &kind);
+        return dead(&shared, delivery, &meta, &reason).await;
+    }
+    let meta =
+        match JobMeta::from_message(&kind, &delivery.message, delivery.delivery_count, || {
+            delivery.broker_id.clone()
+        }) {
+            Ok(m) => m,
+            Err(reason) => {
+                let meta = fallback_meta(&delivery, &kind);
+                return dead(&shared, delivery, &meta, &reason).await;
+            }
+        };
+    let Some(handler) = shared.registry.get(&kind).cloned() else {
+        let reason = format!(
+            "unknown job kind {kind:?}: this worker runs {}",
+            shared.registry.kinds().join(", ")
+        );
+        return dead(&shared, delivery, &meta, &reason).await;
+    };
+    if meta.attempt > meta.max_attempts {
+        let reason = format!(
+            "gave up after {} attempts: the last ones ended without a result (worker crashed or lease expired)",
+            meta.max_attempts
+        );
+        return dead(&shared, delivery, &meta, &reason).await;
+    }
+    let input = match meta.codec.decode(&delivery.message.body) {
+        Ok(v) => v,
+        Err(e) => return dead(&shared, delivery, &meta, &e.to_string()).await,
+    };
+    let meta = Arc::new(meta);
+    let outcome = tokio::select! {
+        r = run_handler(&shared, handler, &delivery, meta.clone(), input, abandon.clone()) => r,
+        _ = abandon.cancelled() => None,
+    };
+    let Some(outcome) = outcome else {
+        return hand_back(delivery).await;
+    };
+    match outcome {
+        Ok(output) => succeed(&shared, delivery, &meta, output).await,
+        Err(JobError::Cancelled) => {
+            finish(&shared, delivery, &meta, Status::Cancelled, "cancelled").await
+        }
+        Err(e) if e.is_retryable() && meta.attempt < meta.max_attempts => {
+            retry(&shared, delivery, &meta, &e).await
+        }
+        Err(e) if e.is_retryable() => {
+            let reason = format!("failed after {} attempts: {e}", meta.attempt);
+            dead(&shared, delivery, &meta, &reason).await
+        }
+        Err(e) => dead(&shared, delivery, &meta, &e.to_string()).await,
+    }
+}
+
+/// Metadata for a job whose headers could not be read: enough to dead-letter it.
+fn fallback_meta(delivery: &Delivery, kind: &str) -> JobMeta {
+    let h = &delivery.message.headers;
+    JobMeta {
+        id: h
+            .get(header::ID)
+            .map(header_safe)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| delivery.broker_id.clone()),
+        kind: kind.to_string(),
+        attempt: delivery.delivery_count,
+        max_attempts: 1,
+        timeout: None,
+        reply_to: h.get(header::REPLY_TO).map(str::to_string),
+        correlation_id: h.get(header::CORRELATION_ID).map(str::to_string),
+        codec: Codec::Json,
+        group: Vec::new(),
+    }
+}
+
+/// Runs the handler in its own task (a panic fails only this job), extending the lease while it
+/// runs and enforcing the job's deadline. `None` means the worker is abandoning the job.
+async fn run_handler(
+    shared: &Shared,
+    handler: Handler,
+    delivery: &Delivery,
+    meta: Arc<JobMeta>,
+    input: Value,
+    abandon: CancellationToken,
+) -> Option<Result<Value, JobError>> {
+    let cancel = abandon.child_token();
+    let job = Job {
+        meta: meta.clone(),
+        input,
+        cancel: cancel.clone(),
+    };
+    let task = tokio::spawn(AssertUnwindSafe(handler.oneshot(job)).catch_unwind());
+    let _guard = cancel.clone().drop_guard();
+    let mut ticker = tokio::time::interval(shared.config.lease / 3);
+    ticker.tick().await;
+    let deadline = meta.timeout.map(|t| tokio::time::Instant::now() + t);
+    let sleep_deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => futures::future::pending().await,
+        }
+    };
+    tokio::pin!(task, sleep_deadline);
+    loop {
+        tokio::select! {
+            joined = &mut task => {
+                return Some(match joined {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(panic)) => Err(JobError::retry(format!("handler panicked: {}", panic_text(&panic)))),
+                    Err(e) => Err(JobError::retry(format!("handler task failed: {e}"))),
+                });
+            }
+            _ = ticker.tick() => {
+                if let Err(e) = delivery.progress().await {
+                    tracing::warn!(job = %meta.id, error = %e, "could not extend the lease");
+                }
+            }
+            _ = &mut sleep_deadline => {
+                cancel.cancel();
+                // The handler gets a short grace period to notice, then it is left behind.
+                let grace = shared.config.timeout_grace;
+                let _ = tokio::time::timeout(grace, &mut task).await;
+                return Some(Err(JobError::Timeout(format!(
+                    "deadline of {} ms passed",
+                    meta.timeout.map(|t| t.as_millis()).unwrap_or(0)
+                ))));
+            }
+            _ = abandon.cancelled() => return None,
+        }
+    }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic".to_string()
+    }
+}
+
+fn result_headers(shared: &Shared, meta: &JobMeta, status: Status, error: Option<&str>) -> Headers {
+    let mut h = Headers::new()
+        .with(header::ID, meta.id.clone())
+        .with(header::KIND, meta.kind.clone())
+        .with(header::STATUS, status.as_str())
+        .with(header::ATTEMPT, meta.attempt.to_string())
+        .with(header::WORKER, shared.config.worker_id.clone())
+        .with(header::CONTENT_TYPE, meta.codec.content_type());
+    if let Some(e) = error {
+        h.insert(header::ERROR, header_safe(e));
+    }
+    if let Some(c) = &meta.correlation_id {
+        h.insert(header::CORRELATION_ID, c.clone());
+    }
+    for (k, v) in &meta.group {
+        h.insert(k.clone(), v.clone());
+    }
+    h
+}
+
+/// Publishes the final result (and the reply, when asked), each confirmed, with retries.
+async fn publish_final(shared: &Shared, meta: &JobMeta, result: Message) -> Result<()> {
+    let reply = async {
+        if let Some(to) = &meta.reply_to {
+            if let Err(e) = shared
+                .transport
+                .publish(Route::Reply(to.clone()), result.clone())
+                .await
+            {
+                tracing::debug!(job = %meta.id, error = %e, "reply not delivered (the waiter may be gone)");
+            }
+        }
+    };
+    let record = shared.publish_retrying(Route::Result(meta.kind.clone()), result.clone());
+    let (recorded, ()) = tokio::join!(record, reply);
+    recorded
+}
+
+async fn succeed(shared: &Shared, delivery: Delivery, meta: &JobMeta, output: Value) -> Outcome {
+    let body = match meta.codec.encode(&output) {
+        Ok(b) => b,
+        Err(e) => {
+            let reason = format!("output could not be encoded: {e}");
+            return dead(shared, delivery, meta, &reason).await;
+        }
+    };
+    let msg = Message::new(result_headers(shared, meta, Status::Succeeded, None), body);
+    settle(
+        delivery,
+        meta,
+        publish_final(shared, meta, msg).await,
+        Outcome::Succeeded,
+    )
+    .await
+}
+
+async fn finish(
+    shared: &Shared,
+    delivery: Delivery,
+    meta: &JobMeta,
+    status: Status,
+    why: &str,
+) -> Outcome {
+    let msg = Message::new(result_headers(shared, meta, status, Some(why)), Vec::new());
+    settle(
+        delivery,
+        meta,
+        publish_final(shared, meta, msg).await,
+        Outcome::Ended,
+    )
+    .await
+}
+
+async fn retry(shared: &Shared, delivery: Delivery, meta: &JobMeta, err: &JobError) -> Outcome {
+    let after = match err {
+        JobError::Retry { after: Some(d), .. } => *d,
+        _ => shared.config.backoff.delay(meta.attempt),
+    };
+    tracing::info!(job = %meta.id, kind = %meta.kind, attempt = meta.attempt, error = %err, "retrying in {after:?}");
+    let mut next = delivery.message.clone();
+    next.headers
+        .insert(header::ATTEMPT, (meta.attempt + 1).to_string());
+    next.headers.insert(header::ID, meta.id.clone());
+    next.headers
+        .insert(header::ERROR, header_safe(&err.to_string()));
+    match delivery.retry(next, after).await {
+        Ok(()) => Outcome::Retried,
+        Err(e) => {
+            tracing::warn!(job = %meta.id, error = %e, "could not schedule the retry; the broker will redeliver");
+            Outcome::HandedBack
+        }
+    }
+}
+
+/// Dead-letters a job: the original message plus the reason to the dead letters, a `dead` result,
+/// then the ack. Publishes are confirmed before the ack; if they fail the job is redelivered.
+async fn dead(shared: &Shared, delivery: Delivery, meta: &JobMeta, reason: &str) -> Outcome {
+    tracing::warn!(job = %meta.id, kind = %meta.kind, attempt = meta.attempt, %reason, "dead-lettering job");
+    let mut letter = delivery.message.clone();
+    letter.headers.insert(header::ID, meta.id.clone());
+    letter.headers.insert(header::KIND, meta.kind.clone());
+    letter.headers.insert(header::ERROR, header_safe(reason));
+    letter
+        .headers
+        .insert(header::ATTEMPT, meta.attempt.to_string());
+    letter
+        .headers
+        .insert(header::WORKER, shared.config.worker_id.clone());
+    let dead_route = Route::Dead(meta.kind.clone());
+    let result = Message::new(
+        result_headers(shared, meta, Status::Dead, Some(reason)),
+        Vec::new(),
+    );
+    let (lettered, recorded) = tokio::join!(
+        shared.publish_retrying(dead_route, letter),
+        publish_final(shared, meta, result)
+    );
+    settle(delivery, meta, lettered.and(recorded), Outcome::Dead).await
+}
+
+async fn settle(
+    delivery: Delivery,
+    meta: &JobMeta,
+    published: Result<()>,
+    outcome: Outcome,
+) -> Outcome {
+    match published {
+        Ok(()) => match delivery.ack().await {
+            Ok(()) => outcome,
+            Err(e) => {
+                tracing::warn!(job = %meta.id, error = %e, "ack failed; the job may be redelivered (its result is recorded once)");
+                outcome
+            }
+        },
+        Err(e) => {
+            tracing::error!(job = %meta.id, error = %e, "result not confirmed; handing the job back");
+            hand_back(delivery).await
+        }
+    }
+}
+
+async fn hand_back(delivery: Delivery) -> Outcome {
+    if let Err(e) = delivery.nack().await {
+        tracing::warn!(error = %e, "nack failed; the broker redelivers after the lease");
+    }
+    Outcome::HandedBack
+}
+
+/// How long the handler of a timed-out job has to stop before it is left behind.
+pub const DEFAULT_TIMEOUT_GRACE: Duration = Duration::from_secs(2);
