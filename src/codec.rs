@@ -232,7 +232,14 @@ mod tests {
 
     #[test]
     fn bincode_is_smaller_for_floats_and_flags() {
-        let v = json!([3.141592653589793, 2.718281828459045, true, false, true, 1e-9]);
+        let v = json!([
+            3.141592653589793,
+            2.718281828459045,
+            true,
+            false,
+            true,
+            1e-9
+        ]);
         let j = Codec::Json.encode(&v).expect("json");
         let b = Codec::Bincode.encode(&v).expect("bincode");
         assert!(b.len() < j.len(), "{} vs {}", b.len(), j.len());

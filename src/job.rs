@@ -108,8 +108,9 @@ impl JobSpec {
         let body = self.codec.encode(&self.input)?;
         let mut h = self.headers.clone();
         h.insert(header::ID, header_safe(&id));
-        h.insert(header::CONTENT_TYPE, self.codec.content_type());
-        h.insert(header::PUBLISHED_AT, now_ms().to_string());
+        if self.codec != Codec::Json {
+            h.insert(header::CONTENT_TYPE, self.codec.content_type());
+        }
         if let Some(n) = self.max_attempts {
             h.insert(header::MAX_ATTEMPTS, n.to_string());
         }

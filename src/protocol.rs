@@ -35,8 +35,6 @@ pub mod header {
     pub const ATTEMPT: &str = "Conveyor-Attempt";
     /// Worker that produced a result.
     pub const WORKER: &str = "Conveyor-Worker";
-    /// Milliseconds since the Unix epoch when the job was first published.
-    pub const PUBLISHED_AT: &str = "Conveyor-Published-At";
     /// Body encoding.
     pub const CONTENT_TYPE: &str = "Content-Type";
     /// NATS JetStream de-duplication id.

@@ -58,6 +58,7 @@ pub async fn run(
     let opts = ConsumeOptions {
         prefetch: MAX_BATCH as u16,
         lease: Duration::from_secs(30),
+        ephemeral: false,
     };
     let mut results = transport
         .consume(Source::Results("aggregator".into()), opts)

@@ -131,6 +131,9 @@ pub struct ConsumeOptions {
     /// How long a delivered job may go without ack or progress before redelivery
     /// (JetStream AckWait; RabbitMQ redelivers when the connection drops instead).
     pub lease: Duration,
+    /// For result and dead-letter readers: start with what arrives from now on, and let the broker
+    /// remove the reader's consumer or queue about a minute after it goes away.
+    pub ephemeral: bool,
 }
 
 impl Default for ConsumeOptions {
@@ -138,6 +141,7 @@ impl Default for ConsumeOptions {
         ConsumeOptions {
             prefetch: 32,
             lease: Duration::from_secs(30),
+            ephemeral: false,
         }
     }
 }

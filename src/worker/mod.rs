@@ -165,6 +165,7 @@ pub async fn run(
     let opts = ConsumeOptions {
         prefetch,
         lease: config.lease,
+        ephemeral: false,
     };
     let mut sources = Vec::new();
     for kind in registry.kinds() {
@@ -288,6 +289,13 @@ async fn pump(
     }
 }
 
+/// Ticks every third of the lease, first after one period. (Waiting for an interval's immediate
+/// first tick still costs a turn of the 1 ms timer wheel, per job.)
+pub(crate) fn lease_ticker(lease: Duration) -> tokio::time::Interval {
+    let period = (lease / 3).max(Duration::from_millis(100));
+    tokio::time::interval_at(tokio::time::Instant::now() + period, period)
+}
+
 /// Waits for a free slot, extending the delivery's lease meanwhile. `None` on shutdown.
 async fn wait_permit(
     permits: &Arc<Semaphore>,
@@ -295,8 +303,7 @@ async fn wait_permit(
     shutdown: &CancellationToken,
     lease: Duration,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    let mut ticker = tokio::time::interval(lease / 3);
-    ticker.tick().await;
+    let mut ticker = lease_ticker(lease);
     let acquire = permits.clone().acquire_owned();
     tokio::pin!(acquire);
     loop {

@@ -2,7 +2,7 @@
 //! before acking, retry with backoff, or dead-letter with the reason.
 
 use super::registry::{Handler, Job};
-use super::Shared;
+use super::{lease_ticker, Shared};
 use crate::codec::Codec;
 use crate::error::Result;
 use crate::job::{JobError, JobMeta};
@@ -137,10 +137,11 @@ async fn run_handler(
         input,
         cancel: cancel.clone(),
     };
-    let task = tokio::spawn(AssertUnwindSafe(handler.oneshot(job)).catch_unwind());
+    // Polled in place: a panic while polling fails only this job, and a handler that ignores its
+    // deadline is dropped after the grace period.
+    let task = AssertUnwindSafe(handler.oneshot(job)).catch_unwind();
     let _guard = cancel.clone().drop_guard();
-    let mut ticker = tokio::time::interval(shared.config.lease / 3);
-    ticker.tick().await;
+    let mut ticker = lease_ticker(shared.config.lease);
     let deadline = meta.timeout.map(|t| tokio::time::Instant::now() + t);
     let sleep_deadline = async {
         match deadline {
@@ -153,9 +154,8 @@ async fn run_handler(
         tokio::select! {
             joined = &mut task => {
                 return Some(match joined {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(panic)) => Err(JobError::retry(format!("handler panicked: {}", panic_text(&panic)))),
-                    Err(e) => Err(JobError::retry(format!("handler task failed: {e}"))),
+                    Ok(r) => r,
+                    Err(panic) => Err(JobError::retry(format!("handler panicked: {}", panic_text(&panic)))),
                 });
             }
             _ = ticker.tick() => {
@@ -194,8 +194,10 @@ fn result_headers(shared: &Shared, meta: &JobMeta, status: Status, error: Option
         .with(header::KIND, meta.kind.clone())
         .with(header::STATUS, status.as_str())
         .with(header::ATTEMPT, meta.attempt.to_string())
-        .with(header::WORKER, shared.config.worker_id.clone())
-        .with(header::CONTENT_TYPE, meta.codec.content_type());
+        .with(header::WORKER, shared.config.worker_id.clone());
+    if meta.codec != Codec::Json {
+        h.insert(header::CONTENT_TYPE, meta.codec.content_type());
+    }
     if let Some(e) = error {
         h.insert(header::ERROR, header_safe(e));
     }

@@ -151,7 +151,13 @@ fn from_amqp(props: &BasicProperties) -> (Headers, u32) {
 fn to_amqp(h: &Headers) -> BasicProperties {
     let mut table = FieldTable::default();
     for (k, v) in h.iter() {
-        table.insert(k.into(), long(v));
+        // These travel as properties (see below); `from_amqp` reads them back from there.
+        let is_property = [header::ID, header::CONTENT_TYPE, header::CORRELATION_ID]
+            .iter()
+            .any(|p| k.eq_ignore_ascii_case(p));
+        if !is_property {
+            table.insert(k.into(), long(v));
+        }
     }
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
@@ -513,8 +519,11 @@ impl Transport for AmqpTransport {
                 };
                 let q = format!("{base}.{group}");
                 let ch = t.channel().await?;
-                t.queue(&ch, &q, &n.exchange(class), "#", quorum_args())
-                    .await?;
+                let mut args = quorum_args();
+                if opts.ephemeral {
+                    args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+                }
+                t.queue(&ch, &q, &n.exchange(class), "#", args).await?;
                 let _ = ch.close(200, "declared".into()).await;
                 q
             }
@@ -588,3 +597,4 @@ impl Transport for AmqpTransport {
         Ok(())
     }
 }
+pub mod raw;

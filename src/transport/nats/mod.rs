@@ -23,6 +23,8 @@ use std::time::Duration;
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// JetStream de-duplication window: a publish retried within it is stored once.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long an ephemeral reader's consumer outlives its last pull.
+const EPHEMERAL_IDLE: Duration = Duration::from_secs(60);
 /// How often the catch-all worker looks for job subjects that no consumer serves.
 const DISCOVERY_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -33,9 +35,13 @@ pub struct NatsTransport {
     names: Names,
 }
 
-fn to_nats_headers(h: &Headers) -> async_nats::HeaderMap {
+/// NATS headers from ours, leaving out `skip` (a job's id travels as `Nats-Msg-Id` instead).
+fn to_nats_headers(h: &Headers, skip: Option<&str>) -> async_nats::HeaderMap {
     let mut map = async_nats::HeaderMap::new();
     for (k, v) in h.iter() {
+        if skip.is_some_and(|s| k.eq_ignore_ascii_case(s)) {
+            continue;
+        }
         map.insert(k, v);
     }
     map
@@ -132,6 +138,16 @@ impl NatsTransport {
                     ack_wait: opts.lease,
                     max_deliver: -1,
                     max_ack_pending: 10_000,
+                    deliver_policy: if opts.ephemeral {
+                        jetstream::consumer::DeliverPolicy::New
+                    } else {
+                        jetstream::consumer::DeliverPolicy::All
+                    },
+                    inactive_threshold: if opts.ephemeral {
+                        EPHEMERAL_IDLE
+                    } else {
+                        Duration::ZERO
+                    },
                     ..Default::default()
                 },
             )
@@ -283,19 +299,22 @@ impl Transport for NatsTransport {
         let id = msg.headers.get(header::ID).unwrap_or_default().to_string();
         let (subject, dedup) = match &route {
             Route::Job(kind) => (self.names.job_subject(kind), id),
-            Route::Result(kind) => (self.names.result_subject(kind), format!("result:{id}")),
+            // Results carry no de-duplication id: the aggregator records each job id once anyway,
+            // and the server then keeps no per-result state.
+            Route::Result(kind) => (self.names.result_subject(kind), String::new()),
             Route::Dead(kind) => (self.names.dead_subject(kind), format!("dead:{id}")),
             Route::Reply(to) => {
                 return self
                     .client
-                    .publish_with_headers(to.clone(), to_nats_headers(&msg.headers), msg.body)
+                    .publish_with_headers(to.clone(), to_nats_headers(&msg.headers, None), msg.body)
                     .await
                     .map_err(|e| Error::broker("reply", e));
             }
         };
+        let skip = matches!(route, Route::Job(_)).then_some(header::ID);
         let mut publish = jetstream::message::PublishMessage::build()
             .payload(msg.body)
-            .headers(to_nats_headers(&msg.headers));
+            .headers(to_nats_headers(&msg.headers, skip));
         if !dedup.is_empty() {
             publish = publish.message_id(dedup);
         }
@@ -359,3 +378,4 @@ impl Transport for NatsTransport {
             .map_err(|e| Error::broker("flush", e))
     }
 }
+pub mod raw;
