@@ -127,6 +127,14 @@ impl JobSpec {
     }
 }
 
+/// The job id a message carries: `Conveyor-Id`, else `Nats-Msg-Id`, made safe for headers.
+pub fn id_of(h: &Headers) -> Option<String> {
+    h.get(header::ID)
+        .or_else(|| h.get(header::NATS_MSG_ID))
+        .map(header_safe)
+        .filter(|s| !s.is_empty())
+}
+
 /// What a worker knows about a delivered job, read from its headers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobMeta {
@@ -175,12 +183,7 @@ impl JobMeta {
         fallback_id: impl FnOnce() -> String,
     ) -> std::result::Result<JobMeta, String> {
         let h = &msg.headers;
-        let id = h
-            .get(header::ID)
-            .or_else(|| h.get(header::NATS_MSG_ID))
-            .map(str::to_string)
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(fallback_id);
+        let id = id_of(h).unwrap_or_else(fallback_id);
         let codec =
             Codec::from_content_type(h.get(header::CONTENT_TYPE)).map_err(|e| e.to_string())?;
         let first: u32 = num_header(h, header::ATTEMPT)?.unwrap_or(1).max(1);

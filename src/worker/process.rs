@@ -105,11 +105,7 @@ pub async fn process(
 fn fallback_meta(delivery: &Delivery, kind: &str) -> JobMeta {
     let h = &delivery.message.headers;
     JobMeta {
-        id: h
-            .get(header::ID)
-            .map(header_safe)
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| delivery.broker_id.clone()),
+        id: crate::job::id_of(h).unwrap_or_else(|| delivery.broker_id.clone()),
         kind: kind.to_string(),
         attempt: delivery.delivery_count,
         max_attempts: 1,

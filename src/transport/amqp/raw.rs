@@ -101,7 +101,7 @@ pub async fn flow(url: &BrokerUrl, concurrency: usize) -> Result<Flow> {
         .await
         .map_err(|e| Error::broker("open channel", e))?;
     let jobs = consume(
-        worker_in,
+        worker_in.clone(),
         jobs_q.clone(),
         u16::try_from(concurrency).unwrap_or(u16::MAX),
     )
@@ -110,7 +110,7 @@ pub async fn flow(url: &BrokerUrl, concurrency: usize) -> Result<Flow> {
         .create_channel()
         .await
         .map_err(|e| Error::broker("open channel", e))?;
-    let results = consume(reader_ch, results_q.clone(), 1000).await?;
+    let results = consume(reader_ch.clone(), results_q.clone(), 1000).await?;
     let worker_out = confirm_channel(&conn).await?;
     let rq = results_q.clone();
     let worker = tokio::spawn(jobs.for_each_concurrent(concurrency, move |d| {
@@ -141,6 +141,10 @@ pub async fn flow(url: &BrokerUrl, concurrency: usize) -> Result<Flow> {
     });
     let cleanup = Box::pin(async move {
         worker.abort();
+        // Close the consuming channels before deleting their queues, so that no consumer is
+        // cancelled by the broker and by the client at once.
+        let _ = worker_in.close(200, "bench done".into()).await;
+        let _ = reader_ch.close(200, "bench done".into()).await;
         for q in [jobs_q, results_q] {
             let _ = admin
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())

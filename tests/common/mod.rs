@@ -1,0 +1,352 @@
+//! Shared test harness: real brokers, unique namespaces, in-process stacks and real processes.
+#![allow(dead_code)]
+
+use conveyor::aggregator::{self, AggregatorConfig};
+use conveyor::transport::{self, ConsumeOptions, Source, Transport};
+use conveyor::worker::{self, backoff::Backoff, builtin, WorkerConfig};
+use conveyor::{BrokerUrl, Client, Message};
+use futures::StreamExt;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The two brokers every integration test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    Nats,
+    Amqp,
+}
+
+impl Broker {
+    pub fn url_str(self) -> String {
+        match self {
+            Broker::Nats => std::env::var("CONVEYOR_TEST_NATS")
+                .unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+            Broker::Amqp => std::env::var("CONVEYOR_TEST_AMQP")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        }
+    }
+
+    pub fn url(self) -> BrokerUrl {
+        ensure_up(self);
+        BrokerUrl::parse(&self.url_str()).expect("test broker URL parses")
+    }
+}
+
+/// Fails with instructions when a broker is not reachable: tests never skip silently.
+pub fn ensure_up(broker: Broker) {
+    let (addr, how) = match broker {
+        Broker::Nats => (
+            "127.0.0.1:4222",
+            "start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server",
+        ),
+        Broker::Amqp => ("127.0.0.1:5672", "rabbitmq-server -detached"),
+    };
+    let parsed: SocketAddr = addr.parse().expect("address");
+    if std::net::TcpStream::connect_timeout(&parsed, Duration::from_secs(2)).is_err() {
+        panic!("{broker:?} is not reachable on {addr}. Start it with `{how}` (or run scripts/test.sh, which does).");
+    }
+}
+
+/// A namespace no other test uses.
+pub fn unique_ns(prefix: &str) -> String {
+    let id = conveyor::job::new_id().replace('-', "");
+    format!("t{prefix}{}", &id[id.len() - 12..])
+}
+
+/// Worker settings for tests: quick retries, short lease.
+pub fn test_worker_config() -> WorkerConfig {
+    WorkerConfig {
+        concurrency: 8,
+        lease: Duration::from_secs(3),
+        drain_timeout: Duration::from_secs(5),
+        backoff: Backoff {
+            base: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+        },
+        ..WorkerConfig::default()
+    }
+}
+
+/// Worker and aggregator in this process, on one namespace, plus a client.
+pub struct Stack {
+    pub broker: Broker,
+    pub ns: String,
+    pub client: Client,
+    pub http: SocketAddr,
+    pub store: tempfile::TempDir,
+    stop: CancellationToken,
+    worker: JoinHandle<conveyor::Result<worker::WorkerReport>>,
+    aggregator: JoinHandle<conveyor::Result<()>>,
+}
+
+impl Stack {
+    pub async fn start(broker: Broker, config: WorkerConfig) -> Stack {
+        let url = broker.url();
+        let ns = unique_ns(match broker {
+            Broker::Nats => "n",
+            Broker::Amqp => "a",
+        });
+        let stop = CancellationToken::new();
+        let wt = transport::connect(&url, &ns)
+            .await
+            .expect("worker connects");
+        let worker = tokio::spawn(worker::run(
+            wt,
+            builtin::registry(),
+            config,
+            stop.clone(),
+            CancellationToken::new(),
+        ));
+        let store = tempfile::tempdir().expect("tempdir");
+        let at = transport::connect(&url, &ns)
+            .await
+            .expect("aggregator connects");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let aggregator = tokio::spawn(aggregator::run(
+            at,
+            AggregatorConfig {
+                store_dir: store.path().to_path_buf(),
+                http: "127.0.0.1:0".parse().expect("addr"),
+            },
+            stop.clone(),
+            Some(tx),
+        ));
+        let http = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("aggregator ready in time")
+            .expect("aggregator reports its address");
+        let client = Client::connect(&url, &ns).await.expect("client connects");
+        Stack {
+            broker,
+            ns,
+            client,
+            http,
+            store,
+            stop,
+            worker,
+            aggregator,
+        }
+    }
+
+    pub async fn stop(self) -> worker::WorkerReport {
+        self.stop.cancel();
+        let report = tokio::time::timeout(Duration::from_secs(20), self.worker)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task")
+            .expect("worker ran");
+        tokio::time::timeout(Duration::from_secs(20), self.aggregator)
+            .await
+            .expect("aggregator stops in time")
+            .expect("aggregator task")
+            .expect("aggregator ran");
+        report
+    }
+}
+
+/// GET `path` from an HTTP server: (status, JSON body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let url = format!("http://{addr}{path}");
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let mut resp = agent.get(&url).call().expect("HTTP request");
+        let status = resp.status().as_u16();
+        let body = resp.body_mut().read_to_string().expect("HTTP body");
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    })
+    .await
+    .expect("http task")
+}
+
+/// Polls `/stats` until `results` reaches `n` or `timeout` passes; returns the last stats.
+pub async fn wait_for_results(http: SocketAddr, n: u64, timeout: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (_, stats) = http_get(http, "/stats").await;
+        if stats["results"].as_u64().unwrap_or(0) >= n || tokio::time::Instant::now() > deadline {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads dead letters of namespace `ns` until `n` arrived or `timeout` passed.
+pub async fn read_dead_letters(
+    broker: Broker,
+    ns: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<Message> {
+    let t: Arc<dyn Transport> = transport::connect(&broker.url(), ns)
+        .await
+        .expect("connect");
+    let mut stream = t
+        .consume(Source::Dead("dead".into()), ConsumeOptions::default())
+        .await
+        .expect("consume dead letters");
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, stream.next()).await {
+            Ok(Some(Ok(d))) => {
+                out.push(d.message.clone());
+                d.ack().await.expect("ack dead letter");
+            }
+            Ok(Some(Err(_))) => continue,
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Path of a workspace binary (built by `cargo build --workspace` before the tests).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process whose output goes to a log file; killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, bin_name: &str, args: &[&str], logs: &Path) -> Proc {
+        let log = logs.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let err = file.try_clone().expect("log file clone");
+        let child = Command::new(bin(bin_name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .expect("spawn process");
+        Proc {
+            child,
+            log,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` (e.g. "TERM") with the `kill` command.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill command");
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit code (None if killed by a signal).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not exit within {timeout:?}; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits until `addr` accepts TCP connections.
+pub async fn wait_listening(addr: &str, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} not listening after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Generates one test per broker from `async fn body(broker: Broker)`.
+#[macro_export]
+macro_rules! both_brokers {
+    ($($name:ident),* $(,)?) => {
+        mod nats {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Broker::Nats).await
+                }
+            )*
+        }
+        mod amqp {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Broker::Amqp).await
+                }
+            )*
+        }
+    };
+}

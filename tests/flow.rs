@@ -1,0 +1,261 @@
+//! End to end through the real brokers: producer client → worker → results → aggregator.
+//! Worker and aggregator run in this process here; `processes.rs` runs the real binaries.
+
+mod common;
+
+use common::{http_get, read_dead_letters, test_worker_config, wait_for_results, Broker, Stack};
+use conveyor::protocol::header;
+use conveyor::transport::Route;
+use conveyor::{Codec, Headers, JobSpec, Message};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+both_brokers!(
+    every_builtin_kind_in_both_codecs,
+    fail_retries_then_succeeds_or_dead_letters,
+    bad_input_goes_straight_to_the_dead_letters,
+    many_jobs_are_recorded_once,
+);
+
+async fn every_builtin_kind_in_both_codecs(broker: Broker) {
+    let stack = Stack::start(broker, test_worker_config()).await;
+    let cases: Vec<(&str, Value, Value)> = vec![
+        (
+            "echo",
+            json!({"a": [1, 2.5, "x", null], "b": {"c": true}}),
+            json!({"a": [1, 2.5, "x", null], "b": {"c": true}}),
+        ),
+        ("sleep", json!({"ms": 30}), json!({"slept_ms": 30})),
+        (
+            "hash",
+            json!({"data": "abc", "rounds": 1}),
+            json!({"sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}),
+        ),
+        (
+            "hash",
+            json!({"data": "abc", "rounds": 2}),
+            json!({"sha256": "4f8b42c22dd3729b519ba6f68d2da7cc5b2d606d05daed5ad5128cc03e6c6358"}),
+        ),
+        ("fail", json!({"times": 0}), json!({"attempts": 1})),
+        (
+            "wordcount.map",
+            json!("Hello, hello WORLD"),
+            json!({"hello": 2, "world": 1}),
+        ),
+        (
+            "wordcount.reduce",
+            json!([{"a": 1}, {"a": 2, "b": 1}]),
+            json!({"a": 3, "b": 1}),
+        ),
+    ];
+    let mut ids = Vec::new();
+    for codec in [Codec::Json, Codec::Bincode] {
+        for (kind, input, want) in &cases {
+            let spec = JobSpec::new(*kind, input.clone()).codec(codec);
+            let r = stack
+                .client
+                .call(spec, WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("{kind} {codec:?}: {e}"));
+            assert_eq!(r.status, "succeeded", "{kind} {codec:?}: {r:?}");
+            assert_eq!(&r.output, want, "{kind} {codec:?}");
+            assert_eq!(r.kind, *kind);
+            ids.push((r.id, *kind, want.clone()));
+        }
+    }
+    let stats = wait_for_results(stack.http, ids.len() as u64, WAIT).await;
+    assert_eq!(stats["results"], json!(ids.len()), "{stats}");
+    assert_eq!(stats["by_status"]["succeeded"], json!(ids.len()));
+    for (id, kind, want) in &ids {
+        let (status, rec) = http_get(stack.http, &format!("/jobs/{id}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(rec["id"], json!(id));
+        assert_eq!(rec["kind"], json!(kind));
+        assert_eq!(rec["status"], json!("succeeded"));
+        assert_eq!(&rec["output"], want);
+    }
+    let (status, _) = http_get(stack.http, "/jobs/no-such-job").await;
+    assert_eq!(status, 404);
+    let (status, health) = http_get(stack.http, "/health").await;
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    stack.stop().await;
+}
+
+async fn fail_retries_then_succeeds_or_dead_letters(broker: Broker) {
+    let stack = Stack::start(broker, test_worker_config()).await;
+    let r = stack
+        .client
+        .call(JobSpec::new("fail", json!({"times": 2})), WAIT)
+        .await
+        .expect("result");
+    assert_eq!((r.status.as_str(), r.attempt), ("succeeded", 3), "{r:?}");
+    assert_eq!(r.output, json!({"attempts": 3}));
+
+    let r = stack
+        .client
+        .call(
+            JobSpec::new("fail", json!({"times": -1})).max_attempts(3),
+            WAIT,
+        )
+        .await
+        .expect("result");
+    assert_eq!((r.status.as_str(), r.attempt), ("dead", 3), "{r:?}");
+    let error = r.error.clone().unwrap_or_default();
+    assert!(error.contains("failed after 3 attempts"), "{error}");
+    assert!(error.contains("attempt 3 fails as asked"), "{error}");
+
+    let letters = read_dead_letters(broker, &stack.ns, 1, WAIT).await;
+    assert_eq!(letters.len(), 1);
+    let h = &letters[0].headers;
+    assert_eq!(h.get(header::ID), Some(r.id.as_str()));
+    assert_eq!(h.get(header::ATTEMPT), Some("3"));
+    assert_eq!(h.get(header::KIND), Some("fail"));
+    assert!(h
+        .get(header::ERROR)
+        .unwrap_or_default()
+        .contains("failed after 3 attempts"));
+    assert_eq!(
+        Codec::Json.decode(&letters[0].body).expect("body"),
+        json!({"times": -1})
+    );
+    let stats = wait_for_results(stack.http, 2, WAIT).await;
+    assert_eq!(
+        stats["by_status"],
+        json!({"dead": 1, "succeeded": 1}),
+        "{stats}"
+    );
+    let report = stack.stop().await;
+    assert_eq!(
+        report.retried, 4,
+        "2 retries of the first job, 2 of the second"
+    );
+}
+
+async fn bad_input_goes_straight_to_the_dead_letters(broker: Broker) {
+    let config = conveyor::worker::WorkerConfig {
+        max_body_bytes: 1024,
+        ..test_worker_config()
+    };
+    let stack = Stack::start(broker, config).await;
+    let mut waiter = stack.client.waiter().await.expect("waiter");
+    let reply = waiter.address().to_string();
+    let base = |id: &str| {
+        Headers::new()
+            .with(header::ID, id)
+            .with(header::REPLY_TO, reply.clone())
+    };
+    let huge = serde_json::to_vec(&"x".repeat(4096)).expect("json");
+    let cases: Vec<(&str, &str, Headers, Vec<u8>, &str)> = vec![
+        (
+            "malformed",
+            "echo",
+            base("malformed"),
+            b"{nope".to_vec(),
+            "malformed JSON",
+        ),
+        (
+            "unknown",
+            "no-such.kind",
+            base("unknown"),
+            b"{}".to_vec(),
+            "unknown job kind \"no-such.kind\"",
+        ),
+        (
+            "oversize",
+            "echo",
+            base("oversize"),
+            huge,
+            "exceeds the limit of 1024 bytes",
+        ),
+        (
+            "bad-header",
+            "echo",
+            base("bad-header").with(header::MAX_ATTEMPTS, "lots"),
+            b"{}".to_vec(),
+            "bad header Conveyor-Max-Attempts",
+        ),
+        (
+            "bad-codec",
+            "echo",
+            base("bad-codec").with(header::CONTENT_TYPE, "text/xml"),
+            b"<a/>".to_vec(),
+            "unsupported Content-Type",
+        ),
+        (
+            "wrong-input",
+            "hash",
+            base("wrong-input"),
+            br#"{"data": 1}"#.to_vec(),
+            "invalid input for kind hash",
+        ),
+    ];
+    for (_, kind, headers, body, _) in &cases {
+        stack
+            .client
+            .transport()
+            .publish(
+                Route::Job(kind.to_string()),
+                Message::new(headers.clone(), body.clone()),
+            )
+            .await
+            .expect("publish");
+    }
+    let ids: Vec<String> = cases.iter().map(|c| c.0.to_string()).collect();
+    let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
+    assert_eq!(
+        results.len(),
+        cases.len(),
+        "every bad job got a result: {results:?}"
+    );
+    let letters = read_dead_letters(broker, &stack.ns, cases.len(), WAIT).await;
+    assert_eq!(letters.len(), cases.len());
+    for (id, _, _, body, reason) in &cases {
+        let r = results.iter().find(|r| r.id == *id).expect("result");
+        assert_eq!(r.status, "dead", "{r:?}");
+        assert_eq!(r.attempt, 1, "no retries for a permanent error: {r:?}");
+        assert!(
+            r.error.as_deref().unwrap_or_default().contains(reason),
+            "{id}: {:?}",
+            r.error
+        );
+        let letter = letters
+            .iter()
+            .find(|m| m.headers.get(header::ID) == Some(id))
+            .unwrap_or_else(|| panic!("dead letter for {id}"));
+        assert!(letter
+            .headers
+            .get(header::ERROR)
+            .unwrap_or_default()
+            .contains(reason));
+        assert_eq!(&letter.body[..], &body[..], "the original body is kept");
+    }
+    let stats = wait_for_results(stack.http, cases.len() as u64, WAIT).await;
+    assert_eq!(stats["by_status"], json!({"dead": cases.len()}), "{stats}");
+    let report = stack.stop().await;
+    assert_eq!((report.dead, report.retried), (cases.len() as u64, 0));
+}
+
+async fn many_jobs_are_recorded_once(broker: Broker) {
+    let stack = Stack::start(broker, test_worker_config()).await;
+    let n = 1000;
+    let mut waiter = stack.client.waiter().await.expect("waiter");
+    let specs: Vec<JobSpec> = (0..n)
+        .map(|i| JobSpec::new("echo", json!({"i": i})).reply_to(waiter.address().to_string()))
+        .collect();
+    let ids: Vec<String> = stack
+        .client
+        .publish_many(specs, 128, |_| {})
+        .await
+        .into_iter()
+        .map(|r| r.expect("confirmed"))
+        .collect();
+    let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
+    assert_eq!(results.len(), n);
+    assert!(results.iter().all(|r| r.succeeded()));
+    let stats = wait_for_results(stack.http, n as u64, WAIT).await;
+    assert_eq!(stats["results"], json!(n), "{stats}");
+    assert_eq!(stats["by_status"]["succeeded"], json!(n));
+    stack.stop().await;
+}
