@@ -233,8 +233,8 @@ mod tests {
     #[test]
     fn bincode_is_smaller_for_floats_and_flags() {
         let v = json!([
-            3.141592653589793,
-            2.718281828459045,
+            1.234_567_890_123_4,
+            9.876_543_210_987_6,
             true,
             false,
             true,
