@@ -1,0 +1,367 @@
+//! The real binaries as separate processes: kill -9 of workers and of the aggregator, `crash`
+//! jobs, graceful drain on SIGTERM, and the producer's command line.
+
+mod common;
+
+use common::{free_port, http_get, unique_ns, wait_for_results, wait_listening, Broker, Proc};
+use conveyor::{Client, JobSpec};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+both_brokers!(
+    killed_worker_loses_no_job,
+    crash_job_is_dead_lettered_after_its_attempts,
+    killed_aggregator_records_every_job_once,
+    sigterm_drains_and_hands_back,
+    producer_cli_publishes_and_waits,
+);
+
+struct Cluster {
+    url: String,
+    ns: String,
+    dir: tempfile::TempDir,
+    http: SocketAddr,
+}
+
+impl Cluster {
+    fn new(broker: Broker) -> Cluster {
+        let url = broker.url().expose().to_string();
+        Cluster {
+            url,
+            ns: unique_ns("p"),
+            dir: tempfile::tempdir().expect("tempdir"),
+            http: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+        }
+    }
+
+    fn logs(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn worker(&self, name: &str, extra: &[&str]) -> Proc {
+        let mut args = vec![
+            "--broker",
+            &self.url,
+            "--namespace",
+            &self.ns,
+            "--lease",
+            "2s",
+            "--retry-base",
+            "20ms",
+            "--drain-timeout",
+            "10s",
+        ];
+        args.extend_from_slice(extra);
+        Proc::spawn(name, "conveyor-worker", &args, self.logs())
+    }
+
+    async fn aggregator(&self, name: &str) -> Proc {
+        let store = self.dir.path().join("store");
+        let http = self.http.to_string();
+        let p = Proc::spawn(
+            name,
+            "conveyor-aggregator",
+            &[
+                "--broker",
+                &self.url,
+                "--namespace",
+                &self.ns,
+                "--store",
+                store.to_str().expect("utf-8 path"),
+                "--http",
+                &http,
+            ],
+            self.logs(),
+        );
+        wait_listening(&http, Duration::from_secs(20)).await;
+        p
+    }
+
+    async fn client(&self) -> Client {
+        let url = conveyor::BrokerUrl::parse(&self.url).expect("url");
+        Client::connect(&url, &self.ns).await.expect("client")
+    }
+
+    fn producer(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        use std::io::Write;
+        let mut cmd = Command::new(common::bin("conveyor-producer"));
+        cmd.args(["--broker", &self.url, "--namespace", &self.ns])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn producer");
+        if let Some(mut input) = child.stdin.take() {
+            if let Some(text) = stdin {
+                input.write_all(text.as_bytes()).expect("stdin");
+            }
+        }
+        child.wait_with_output().expect("producer output")
+    }
+}
+
+async fn publish_all(client: &Client, specs: Vec<JobSpec>) -> Vec<String> {
+    client
+        .publish_many(specs, 128, |_| {})
+        .await
+        .into_iter()
+        .map(|r| r.expect("publish confirmed"))
+        .collect()
+}
+
+/// Waits until every id in `ids` is recorded with `status` (other jobs may be recorded too).
+async fn assert_all_recorded(http: SocketAddr, ids: &[String], status: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for id in ids {
+        loop {
+            let (code, rec) = http_get(http, &format!("/jobs/{id}")).await;
+            if code == 200 {
+                assert_eq!(rec["status"], json!(status), "job {id}: {rec}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} not recorded in time"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn killed_worker_loses_no_job(broker: Broker) {
+    let c = Cluster::new(broker);
+    let _agg = c.aggregator("aggregator").await;
+    let mut first = c.worker("worker-a", &["--concurrency", "4"]);
+    let client = c.client().await;
+    let specs = (0..40)
+        .map(|_| JobSpec::new("sleep", json!({"ms": 300})))
+        .collect();
+    let ids = publish_all(&client, specs).await;
+    // Let the first worker take jobs, then kill it while it holds some.
+    let stats = wait_for_results(c.http, 4, WAIT).await;
+    assert!(
+        stats["results"].as_u64().unwrap_or(0) >= 4,
+        "first worker made progress: {stats}"
+    );
+    first.kill9();
+    let done_before = wait_for_results(c.http, 0, Duration::ZERO).await["results"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        done_before < 40,
+        "the kill happened while jobs were left ({done_before} done)"
+    );
+    let _second = c.worker("worker-b", &["--concurrency", "8"]);
+    assert_all_recorded(c.http, &ids, "succeeded").await;
+    let stats = wait_for_results(c.http, 40, WAIT).await;
+    assert_eq!(stats["results"], json!(40), "{stats}");
+    println!("{broker:?}: worker killed after {done_before} of 40 jobs; all 40 recorded once");
+}
+
+async fn crash_job_is_dead_lettered_after_its_attempts(broker: Broker) {
+    let c = Cluster::new(broker);
+    let _agg = c.aggregator("aggregator").await;
+    let client = c.client().await;
+    let crash = publish_all(
+        &client,
+        vec![JobSpec::new("crash", json!({})).max_attempts(2)],
+    )
+    .await;
+    let echoes = publish_all(
+        &client,
+        (0..20)
+            .map(|i| JobSpec::new("echo", json!({"i": i})))
+            .collect(),
+    )
+    .await;
+    // Each worker that takes the crash job aborts; the job's attempts run out on the third delivery.
+    for round in 0..2 {
+        let mut w = c.worker(&format!("crashing-{round}"), &["--concurrency", "1"]);
+        let code = w.wait_exit(WAIT).await;
+        assert_eq!(
+            code,
+            None,
+            "worker {round} was aborted by the crash job:\n{}",
+            w.log_text()
+        );
+    }
+    let _survivor = c.worker("survivor", &["--concurrency", "2"]);
+    assert_all_recorded(c.http, &crash, "dead").await;
+    let (_, rec) = http_get(c.http, &format!("/jobs/{}", crash[0])).await;
+    assert!(
+        rec["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("gave up after 2 attempts"),
+        "{rec}"
+    );
+    let all: Vec<String> = crash.iter().chain(&echoes).cloned().collect();
+    let stats = wait_for_results(c.http, all.len() as u64, WAIT).await;
+    assert_eq!(
+        stats["by_status"],
+        json!({"dead": 1, "succeeded": 20}),
+        "{stats}"
+    );
+}
+
+async fn killed_aggregator_records_every_job_once(broker: Broker) {
+    let c = Cluster::new(broker);
+    let mut agg = c.aggregator("aggregator-1").await;
+    let _w = c.worker("worker", &["--concurrency", "8"]);
+    let client = c.client().await;
+    let n = 3000;
+    let specs: Vec<JobSpec> = (0..n)
+        .map(|i| JobSpec::new("echo", json!({"i": i})))
+        .collect();
+    let publisher = {
+        let client = client.clone();
+        tokio::spawn(async move { publish_all(&client, specs).await })
+    };
+    let stats = wait_for_results(c.http, 300, WAIT).await;
+    assert!(stats["results"].as_u64().unwrap_or(0) >= 300, "{stats}");
+    agg.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut agg = c.aggregator("aggregator-2").await;
+    let stats = wait_for_results(c.http, 1500, WAIT).await;
+    assert!(stats["results"].as_u64().unwrap_or(0) >= 1500, "{stats}");
+    agg.kill9();
+    let _agg = c.aggregator("aggregator-3").await;
+    let ids = publisher.await.expect("publisher");
+    assert_all_recorded(c.http, &ids, "succeeded").await;
+    let stats = wait_for_results(c.http, n as u64, WAIT).await;
+    println!("{broker:?}: aggregator killed twice; {stats}");
+    assert_eq!(stats["by_status"], json!({"succeeded": n}));
+}
+
+async fn sigterm_drains_and_hands_back(broker: Broker) {
+    let c = Cluster::new(broker);
+    let _agg = c.aggregator("aggregator").await;
+    let mut w = c.worker("draining", &["--concurrency", "2"]);
+    let client = c.client().await;
+    let specs = (0..10)
+        .map(|_| JobSpec::new("sleep", json!({"ms": 800})))
+        .collect();
+    let ids = publish_all(&client, specs).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    w.signal("TERM");
+    let code = w.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "graceful exit:\n{}", w.log_text());
+    let log = w.log_text();
+    assert!(log.contains("no longer taking jobs"), "{log}");
+    let finished = wait_for_results(c.http, 0, Duration::ZERO).await["results"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        (2..10).contains(&finished),
+        "the running jobs finished, the rest were left: {finished}"
+    );
+    let _next = c.worker("next", &["--concurrency", "8"]);
+    assert_all_recorded(c.http, &ids, "succeeded").await;
+    let stats = wait_for_results(c.http, 10, WAIT).await;
+    assert_eq!(stats["results"], json!(10), "{stats}");
+}
+
+async fn producer_cli_publishes_and_waits(broker: Broker) {
+    let c = Cluster::new(broker);
+    let _w = c.worker("worker", &[]);
+    let out = c.producer(
+        &[
+            "publish",
+            "echo",
+            "--payload",
+            r#"{"x":1}"#,
+            "--id",
+            "cli-1",
+            "--wait",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(line["id"], json!("cli-1"));
+    assert_eq!(line["output"], json!({"x": 1}));
+
+    let out = c.producer(
+        &[
+            "publish",
+            "hash",
+            "--payload-file",
+            "-",
+            "--wait",
+            "--codec",
+            "bincode",
+        ],
+        Some("{\"data\":\"abc\",\"rounds\":1}\n\n{\"data\":\"abc\",\"rounds\":2}\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.contains("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"));
+    assert!(stdout.contains("4f8b42c22dd3729b519ba6f68d2da7cc5b2d606d05daed5ad5128cc03e6c6358"));
+
+    let out = c.producer(
+        &[
+            "publish",
+            "fail",
+            "--payload",
+            r#"{"times":-1}"#,
+            "--max-attempts",
+            "2",
+            "--wait",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "a dead job makes --wait fail");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"status\":\"dead\""));
+
+    let out = c.producer(
+        &["publish", "echo", "--count", "50", "--payload", "{}"],
+        None,
+    );
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        50,
+        "one id per line"
+    );
+
+    let out = c.producer(&["publish", "echo", "--payload", "{not json"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--payload is not valid JSON"));
+
+    let out = Command::new(common::bin("conveyor-producer"))
+        .args(["--broker", "redis://127.0.0.1:6379", "publish", "echo"])
+        .output()
+        .expect("producer");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unsupported broker URL scheme \"redis\"")
+    );
+
+    let out = Command::new(common::bin("conveyor-worker"))
+        .args([
+            "--broker",
+            &c.url,
+            "--namespace",
+            &c.ns,
+            "--kinds",
+            "echo,nope",
+        ])
+        .output()
+        .expect("worker");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown kind \"nope\" in --kinds"));
+}
