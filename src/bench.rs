@@ -178,6 +178,7 @@ pub async fn conveyor_flow(client: &Client) -> Result<Flow> {
         prefetch: 1000,
         lease: Duration::from_secs(30),
         ephemeral: true,
+        cumulative: false,
     };
     let results = client
         .transport()

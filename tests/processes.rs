@@ -22,6 +22,7 @@ both_brokers!(
 );
 
 struct Cluster {
+    broker: Broker,
     url: String,
     ns: String,
     dir: tempfile::TempDir,
@@ -32,6 +33,7 @@ impl Cluster {
     fn new(broker: Broker) -> Cluster {
         let url = broker.url().expose().to_string();
         Cluster {
+            broker,
             url,
             ns: unique_ns("p"),
             dir: tempfile::tempdir().expect("tempdir"),
@@ -102,6 +104,12 @@ impl Cluster {
             }
         }
         child.wait_with_output().expect("producer output")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        common::delete_namespace(self.broker, &self.ns);
     }
 }
 

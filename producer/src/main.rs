@@ -44,6 +44,38 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Measure end-to-end throughput and latency next to the raw broker.
     Bench(bench_cmd::BenchArgs),
+    /// Delete the namespace's streams, or exchanges and queues, with every job and result in them.
+    DeleteNamespace(DeleteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DeleteArgs {
+    /// Kinds whose RabbitMQ job and retry queues to delete too (default: the built-in kinds).
+    #[arg(long, value_delimiter = ',')]
+    kinds: Option<Vec<String>>,
+    /// Confirms that everything in the namespace may be lost.
+    #[arg(long)]
+    yes: bool,
+}
+
+async fn delete_namespace(
+    broker: &BrokerUrl,
+    namespace: &str,
+    args: DeleteArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    if !args.yes {
+        anyhow::bail!(
+            "delete-namespace loses every job and result in {namespace:?}: add --yes to confirm"
+        );
+    }
+    let kinds = args
+        .kinds
+        .unwrap_or_else(|| conveyor::worker::builtin::registry().kinds());
+    let transport = conveyor::transport::connect(broker, namespace).await?;
+    transport.delete_namespace(&kinds).await?;
+    transport.close().await?;
+    eprintln!("deleted namespace {namespace} on {broker}");
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 #[tokio::main]
@@ -58,6 +90,7 @@ async fn main() -> std::process::ExitCode {
     let outcome = match args.command {
         Command::Publish(p) => publish::run(&args.broker, &args.namespace, p).await,
         Command::Bench(b) => bench_cmd::run(&args.broker, &args.namespace, b).await,
+        Command::DeleteNamespace(d) => delete_namespace(&args.broker, &args.namespace, d).await,
     };
     match outcome {
         Ok(code) => code,

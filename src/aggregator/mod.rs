@@ -59,6 +59,7 @@ pub async fn run(
         prefetch: MAX_BATCH as u16,
         lease: Duration::from_secs(30),
         ephemeral: false,
+        cumulative: true,
     };
     let mut results = transport
         .consume(Source::Results("aggregator".into()), opts)
@@ -113,7 +114,15 @@ async fn record(store: &Store, batch: Vec<Delivery>) {
             if outcome.duplicates > 0 {
                 tracing::debug!(duplicates = outcome.duplicates, "dropped duplicate results");
             }
-            let acks = batch.into_iter().map(|d| d.ack());
+            // The batch is in delivery order and all of it is durable now: where one ack covers
+            // every earlier delivery, ack only the last one.
+            let cumulative = batch.last().is_some_and(|d| d.acks_cumulatively());
+            let to_ack: Vec<Delivery> = if cumulative {
+                batch.into_iter().last().into_iter().collect()
+            } else {
+                batch
+            };
+            let acks = to_ack.into_iter().map(|d| d.ack());
             for r in futures::future::join_all(acks).await {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "ack of a recorded result failed; it will come again as a duplicate");

@@ -53,6 +53,10 @@ pub trait Acker: Send + Sync {
     async fn retry(self: Box<Self>, next: Message, delay: Duration) -> Result<()>;
     /// Still working: extend the lease (no-op where the broker has no lease).
     async fn progress(&self) -> Result<()>;
+    /// True when [`Acker::ack`] also acknowledges every earlier delivery of the same consumer.
+    fn cumulative(&self) -> bool {
+        false
+    }
 }
 
 /// One message delivered from a durable source. It must be settled once, by value:
@@ -112,6 +116,13 @@ impl Delivery {
         self.acker.retry(next, delay).await
     }
 
+    /// True when acking this delivery also acknowledges every earlier delivery of its consumer
+    /// (asked for with [`ConsumeOptions::cumulative`]): a reader that settles in delivery order
+    /// then acks only the last of a batch.
+    pub fn acks_cumulatively(&self) -> bool {
+        self.acker.cumulative()
+    }
+
     /// Extends the lease while a long job runs.
     pub async fn progress(&self) -> Result<()> {
         self.acker.progress().await
@@ -134,6 +145,10 @@ pub struct ConsumeOptions {
     /// For result and dead-letter readers: start with what arrives from now on, and let the broker
     /// remove the reader's consumer or queue about a minute after it goes away.
     pub ephemeral: bool,
+    /// The reader settles in delivery order and wants one ack to cover all earlier deliveries of
+    /// its channel (AMQP `multiple`). Only for result and dead-letter readers. JetStream ignores
+    /// it: its cumulative ack covers a whole consumer, across reader restarts.
+    pub cumulative: bool,
 }
 
 impl Default for ConsumeOptions {
@@ -142,6 +157,7 @@ impl Default for ConsumeOptions {
             prefetch: 32,
             lease: Duration::from_secs(30),
             ephemeral: false,
+            cumulative: false,
         }
     }
 }
@@ -163,6 +179,11 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Settles everything in flight and closes the connection cleanly.
     async fn close(&self) -> Result<()>;
+
+    /// Deletes what the namespace declared on the broker: its streams (NATS), or its exchanges
+    /// and queues, including the job and retry queues of `kinds` (RabbitMQ, which cannot list
+    /// queues). Every job, result and dead letter in them is lost: for tests and decommissioning.
+    async fn delete_namespace(&self, kinds: &[String]) -> Result<()>;
 }
 
 /// Connects to the broker the URL names and declares the namespace's topology.

@@ -166,6 +166,7 @@ pub async fn run(
         prefetch,
         lease: config.lease,
         ephemeral: false,
+        cumulative: false,
     };
     let mut sources = Vec::new();
     for kind in registry.kinds() {

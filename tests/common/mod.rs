@@ -59,6 +59,34 @@ pub fn unique_ns(prefix: &str) -> String {
     format!("t{prefix}{}", &id[id.len() - 12..])
 }
 
+/// Deletes a test namespace from the broker (on a thread of its own, so `Drop` can call it,
+/// also when a test failed): tests must not leave queues and streams behind.
+pub fn delete_namespace(broker: Broker, ns: &str) {
+    let ns = ns.to_string();
+    let joined = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let url = BrokerUrl::parse(&broker.url_str()).expect("url");
+            let t =
+                tokio::time::timeout(Duration::from_secs(10), transport::connect(&url, &ns)).await;
+            if let Ok(Ok(t)) = t {
+                let kinds = builtin::registry().kinds();
+                if let Err(e) = t.delete_namespace(&kinds).await {
+                    eprintln!("could not delete test namespace {ns}: {e}");
+                }
+                let _ = t.close().await;
+            }
+        })
+    })
+    .join();
+    if joined.is_err() {
+        eprintln!("namespace clean-up panicked");
+    }
+}
+
 /// Worker settings for tests: quick retries, short lease.
 pub fn test_worker_config() -> WorkerConfig {
     WorkerConfig {
@@ -134,19 +162,26 @@ impl Stack {
         }
     }
 
-    pub async fn stop(self) -> worker::WorkerReport {
+    pub async fn stop(mut self) -> worker::WorkerReport {
         self.stop.cancel();
-        let report = tokio::time::timeout(Duration::from_secs(20), self.worker)
+        let report = tokio::time::timeout(Duration::from_secs(20), &mut self.worker)
             .await
             .expect("worker stops in time")
             .expect("worker task")
             .expect("worker ran");
-        tokio::time::timeout(Duration::from_secs(20), self.aggregator)
+        tokio::time::timeout(Duration::from_secs(20), &mut self.aggregator)
             .await
             .expect("aggregator stops in time")
             .expect("aggregator task")
             .expect("aggregator ran");
         report
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        delete_namespace(self.broker, &self.ns);
     }
 }
 

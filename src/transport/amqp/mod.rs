@@ -437,6 +437,7 @@ fn kind_of(d: &lapin::message::Delivery) -> String {
 
 struct AmqpAcker {
     acker: lapin::Acker,
+    cumulative: bool,
     kind: String,
     transport: Arc<Inner>,
 }
@@ -445,7 +446,9 @@ struct AmqpAcker {
 impl Acker for AmqpAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
         self.acker
-            .ack(BasicAckOptions::default())
+            .ack(BasicAckOptions {
+                multiple: self.cumulative,
+            })
             .await
             .map(drop)
             .map_err(|e| Error::broker("ack", e))
@@ -469,6 +472,9 @@ impl Acker for AmqpAcker {
     }
     async fn progress(&self) -> Result<()> {
         Ok(())
+    }
+    fn cumulative(&self) -> bool {
+        self.cumulative
     }
 }
 
@@ -528,6 +534,8 @@ impl Transport for AmqpTransport {
                 q
             }
         };
+        let cumulative =
+            opts.cumulative && !matches!(source, Source::Kind(_) | Source::Unrouted(_));
         let (ch, consumer) = t.consume_queue(queue, opts, false).await?;
         let transport = self.inner.clone();
         Ok(consumer
@@ -544,6 +552,7 @@ impl Transport for AmqpTransport {
                     broker_id,
                     Box::new(AmqpAcker {
                         acker: d.acker,
+                        cumulative,
                         kind,
                         transport: transport.clone(),
                     }),
@@ -590,6 +599,40 @@ impl Transport for AmqpTransport {
             })
             .boxed();
         Ok((name, stream))
+    }
+
+    async fn delete_namespace(&self, kinds: &[String]) -> Result<()> {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        let n = &self.inner.names;
+        let ch = self.inner.channel().await?;
+        let mut queues = vec![n.unrouted(), n.results_queue(), n.dead_queue()];
+        for kind in kinds {
+            queues.push(n.job_queue(kind));
+            // Every delay a retry can have been rounded to (see `AmqpAcker::retry`).
+            queues.extend((0..=31).map(|p| n.retry_queue(kind, 1u64 << p)));
+        }
+        for q in queues {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| Error::broker("delete queue", e))?;
+        }
+        for class in ["jobs", "results", "dead", "events", "control"] {
+            ch.exchange_delete(
+                n.exchange(class).as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await
+            .map_err(|e| Error::broker("delete exchange", e))?;
+        }
+        ch.exchange_delete(
+            n.unrouted().as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .map_err(|e| Error::broker("delete exchange", e))?;
+        self.inner.lock_retry().clear();
+        let _ = ch.close(200, "namespace deleted".into()).await;
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {

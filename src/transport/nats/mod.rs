@@ -134,6 +134,9 @@ impl NatsTransport {
                 pull::Config {
                     durable_name: Some(durable.clone()),
                     filter_subject: filter,
+                    // Explicit acks only: `AckPolicy::All` is consumer-wide, so after a reader
+                    // restarts, its acks would also cover what the old process was sent and never
+                    // recorded. `ConsumeOptions::cumulative` is therefore ignored on JetStream.
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: opts.lease,
                     max_deliver: -1,
@@ -246,21 +249,29 @@ fn to_delivery(msg: jetstream::Message, prefix_len: usize) -> Delivery {
         .map(|(_, kind)| kind.to_string())
         .unwrap_or_default();
     let message = Message::new(from_nats_headers(msg.headers.as_ref()), msg.payload);
-    Delivery::new(kind, message, count, broker_id, Box::new(NatsAcker(acker)))
+    Delivery::new(
+        kind,
+        message,
+        count,
+        broker_id,
+        Box::new(NatsAcker { acker }),
+    )
 }
 
-struct NatsAcker(jetstream::message::Acker);
+struct NatsAcker {
+    acker: jetstream::message::Acker,
+}
 
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.0.ack().await.map_err(|e| Error::Broker {
+        self.acker.ack().await.map_err(|e| Error::Broker {
             op: "ack",
             source: e,
         })
     }
     async fn nack(self: Box<Self>) -> Result<()> {
-        self.0
+        self.acker
             .ack_with(AckKind::Nak(None))
             .await
             .map_err(|e| Error::Broker {
@@ -270,7 +281,7 @@ impl Acker for NatsAcker {
     }
     async fn retry(self: Box<Self>, _next: Message, delay: Duration) -> Result<()> {
         // The redelivery count carries the attempt number on JetStream.
-        self.0
+        self.acker
             .ack_with(AckKind::Nak(Some(delay)))
             .await
             .map_err(|e| Error::Broker {
@@ -279,7 +290,7 @@ impl Acker for NatsAcker {
             })
     }
     async fn progress(&self) -> Result<()> {
-        self.0
+        self.acker
             .ack_with(AckKind::Progress)
             .await
             .map_err(|e| Error::Broker {
@@ -369,6 +380,18 @@ impl Transport for NatsTransport {
             .map(|m| Message::new(from_nats_headers(m.headers.as_ref()), m.payload))
             .boxed();
         Ok((inbox, stream))
+    }
+
+    async fn delete_namespace(&self, _kinds: &[String]) -> Result<()> {
+        for class in ["jobs", "results", "dead"] {
+            let name = self.names.stream(class);
+            match self.js.delete_stream(&name).await {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("not found") => {}
+                Err(e) => return Err(Error::broker("delete stream", e)),
+            }
+        }
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {
