@@ -17,6 +17,9 @@ both_brokers!(
     fail_retries_then_succeeds_or_dead_letters,
     bad_input_goes_straight_to_the_dead_letters,
     many_jobs_are_recorded_once,
+    long_job_keeps_its_lease,
+    panicking_handler_fails_only_its_job,
+    deadline_fails_the_attempt,
 );
 
 async fn every_builtin_kind_in_both_codecs(broker: Broker) {
@@ -257,5 +260,82 @@ async fn many_jobs_are_recorded_once(broker: Broker) {
     let stats = wait_for_results(stack.http, n as u64, WAIT).await;
     assert_eq!(stats["results"], json!(n), "{stats}");
     assert_eq!(stats["by_status"]["succeeded"], json!(n));
+    stack.stop().await;
+}
+
+async fn long_job_keeps_its_lease(broker: Broker) {
+    // The stack's lease is 3 s; the job runs 7 s and must not be redelivered meanwhile.
+    let stack = Stack::start(broker, test_worker_config()).await;
+    let r = stack
+        .client
+        .call(JobSpec::new("sleep", json!({"ms": 7000})), WAIT)
+        .await
+        .expect("result");
+    assert_eq!((r.status.as_str(), r.attempt), ("succeeded", 1), "{r:?}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let stats = wait_for_results(stack.http, 1, WAIT).await;
+    assert_eq!(
+        stats["duplicates"],
+        json!(0),
+        "no second run of the job: {stats}"
+    );
+    let report = stack.stop().await;
+    assert_eq!((report.succeeded, report.handed_back), (1, 0));
+}
+
+async fn panicking_handler_fails_only_its_job(broker: Broker) {
+    use conveyor::worker::{builtin, handler_fn, JobContext};
+    let mut registry = builtin::registry();
+    registry.register(
+        "panic",
+        handler_fn(|input: Value, _: JobContext| async move {
+            if input == json!("boom") {
+                panic!("boom asked for");
+            }
+            Ok::<_, conveyor::JobError>(input)
+        }),
+    );
+    let stack = Stack::start_with(broker, test_worker_config(), registry).await;
+    let r = stack
+        .client
+        .call(JobSpec::new("panic", json!("boom")).max_attempts(2), WAIT)
+        .await
+        .expect("result");
+    assert_eq!((r.status.as_str(), r.attempt), ("dead", 2), "{r:?}");
+    assert!(r
+        .error
+        .unwrap_or_default()
+        .contains("handler panicked: boom asked for"));
+    let r = stack
+        .client
+        .call(JobSpec::new("panic", json!("calm")), WAIT)
+        .await
+        .expect("the worker lives on");
+    assert_eq!(r.output, json!("calm"));
+    stack.stop().await;
+}
+
+async fn deadline_fails_the_attempt(broker: Broker) {
+    let stack = Stack::start(broker, test_worker_config()).await;
+    let started = std::time::Instant::now();
+    let r = stack
+        .client
+        .call(
+            JobSpec::new("sleep", json!({"ms": 20_000}))
+                .timeout_ms(300)
+                .max_attempts(2),
+            WAIT,
+        )
+        .await
+        .expect("result");
+    assert_eq!((r.status.as_str(), r.attempt), ("dead", 2), "{r:?}");
+    assert!(r
+        .error
+        .unwrap_or_default()
+        .contains("deadline of 300 ms passed"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the sleeps were cut short"
+    );
     stack.stop().await;
 }

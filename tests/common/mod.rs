@@ -115,6 +115,14 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(broker: Broker, config: WorkerConfig) -> Stack {
+        Self::start_with(broker, config, builtin::registry()).await
+    }
+
+    pub async fn start_with(
+        broker: Broker,
+        config: WorkerConfig,
+        registry: worker::Registry,
+    ) -> Stack {
         let url = broker.url();
         let ns = unique_ns(match broker {
             Broker::Nats => "n",
@@ -126,7 +134,7 @@ impl Stack {
             .expect("worker connects");
         let worker = tokio::spawn(worker::run(
             wt,
-            builtin::registry(),
+            registry,
             config,
             stop.clone(),
             CancellationToken::new(),

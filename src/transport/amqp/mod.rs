@@ -81,6 +81,8 @@ struct Inner {
     channels: managed::Pool<ChannelManager>,
     names: Names,
     retry_queues: Arc<Mutex<HashSet<String>>>,
+    /// Channels with consumers on them, closed with a round trip first by `close`.
+    consumer_channels: Mutex<Vec<(lapin::Channel, u16)>>,
 }
 
 fn long(s: &str) -> AMQPValue {
@@ -208,6 +210,7 @@ impl Inner {
             channels,
             names,
             retry_queues: Arc::default(),
+            consumer_channels: Mutex::default(),
         };
         t.declare().await?;
         Ok(t)
@@ -422,6 +425,10 @@ impl Inner {
             )
             .await
             .map_err(|e| Error::broker("basic.consume", e))?;
+        self.consumer_channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((ch.clone(), opts.prefetch.max(1)));
         Ok((ch, consumer))
     }
 }
@@ -636,6 +643,22 @@ impl Transport for AmqpTransport {
     }
 
     async fn close(&self) -> Result<()> {
+        // Quorum queues apply acks asynchronously: a synchronous round trip on each consuming
+        // channel (basic.qos waits for qos-ok, after the acks sent before it) lets them settle
+        // before the channel closes, so a clean shutdown does not redeliver finished jobs.
+        let channels: Vec<(lapin::Channel, u16)> = std::mem::take(
+            &mut *self
+                .inner
+                .consumer_channels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (ch, prefetch) in channels {
+            if ch.status().connected() {
+                let _ = ch.basic_qos(prefetch, BasicQosOptions::default()).await;
+                let _ = ch.close(200, "closing".into()).await;
+            }
+        }
         self.inner.channels.close();
         Ok(())
     }
