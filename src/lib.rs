@@ -8,6 +8,8 @@
 pub mod aggregator;
 pub mod bench;
 pub mod broker_url;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod error;

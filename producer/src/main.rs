@@ -9,6 +9,7 @@ mod bench_cmd;
 mod publish;
 
 use clap::{Parser, Subcommand};
+use conveyor::cli::BrokerArgs;
 use conveyor::BrokerUrl;
 
 #[derive(Debug, Parser)]
@@ -18,22 +19,8 @@ use conveyor::BrokerUrl;
     about = "Publishes Conveyor jobs and waits for results"
 )]
 struct Args {
-    /// Broker URL: nats://host:4222 or amqp://user:pass@host:5672/vhost.
-    #[arg(
-        long,
-        env = "CONVEYOR_BROKER",
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
-    broker: BrokerUrl,
-    /// Namespace of subjects, exchanges and queues.
-    #[arg(
-        long,
-        env = "CONVEYOR_NAMESPACE",
-        default_value = "conveyor",
-        global = true
-    )]
-    namespace: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,17 +67,14 @@ async fn delete_namespace(
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    conveyor::cli::init_tracing("warn");
     let args = Args::parse();
     let outcome = match args.command {
-        Command::Publish(p) => publish::run(&args.broker, &args.namespace, p).await,
-        Command::Bench(b) => bench_cmd::run(&args.broker, &args.namespace, b).await,
-        Command::DeleteNamespace(d) => delete_namespace(&args.broker, &args.namespace, d).await,
+        Command::Publish(p) => publish::run(&args.broker.broker, &args.broker.namespace, p).await,
+        Command::Bench(b) => bench_cmd::run(&args.broker.broker, &args.broker.namespace, b).await,
+        Command::DeleteNamespace(d) => {
+            delete_namespace(&args.broker.broker, &args.broker.namespace, d).await
+        }
     };
     match outcome {
         Ok(code) => code,

@@ -8,8 +8,8 @@
 
 use anyhow::Context;
 use clap::Parser;
+use conveyor::cli::BrokerArgs;
 use conveyor::worker::{self, backoff::Backoff, builtin, WorkerConfig};
-use conveyor::BrokerUrl;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
@@ -19,12 +19,8 @@ use std::time::Duration;
     about = "Runs Conveyor jobs from NATS JetStream or RabbitMQ"
 )]
 struct Args {
-    /// Broker URL: nats://host:4222 or amqp://user:pass@host:5672/vhost.
-    #[arg(long, env = "CONVEYOR_BROKER", default_value = "nats://127.0.0.1:4222")]
-    broker: BrokerUrl,
-    /// Namespace of subjects, exchanges and queues.
-    #[arg(long, env = "CONVEYOR_NAMESPACE", default_value = "conveyor")]
-    namespace: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
     /// Jobs run at once (and broker prefetch per kind). Default: number of CPUs × 4.
     #[arg(long, env = "CONVEYOR_CONCURRENCY")]
     concurrency: Option<usize>,
@@ -48,19 +44,11 @@ struct Args {
     /// Longest delay between retries.
     #[arg(long, env = "CONVEYOR_RETRY_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
     retry_max: Duration,
-    /// How long to keep trying to reach the broker at start-up.
-    #[arg(long, env = "CONVEYOR_CONNECT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
-    connect_timeout: Duration,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    conveyor::cli::init_tracing("info");
     let args = Args::parse();
     if args.lease < Duration::from_secs(1) {
         anyhow::bail!("--lease must be at least 1s, got {:?}", args.lease);
@@ -79,13 +67,11 @@ async fn main() -> anyhow::Result<()> {
         ..defaults
     };
     let (shutdown, force) = conveyor::shutdown::on_signals();
-    let transport = conveyor::transport::connect_with_retry(
-        &args.broker,
-        &args.namespace,
-        args.connect_timeout,
-    )
-    .await
-    .with_context(|| format!("connecting to {}", args.broker))?;
+    let transport = args
+        .broker
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.broker.broker))?;
     worker::run(transport, builtin::registry(), config, shutdown, force).await?;
     Ok(())
 }

@@ -1,0 +1,48 @@
+//! What every Conveyor binary shares on its command line: the broker flags and log set-up.
+
+use crate::broker_url::BrokerUrl;
+use crate::error::Result;
+use crate::transport::{self, Transport};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `--broker`, `--namespace` and `--connect-timeout`, each also from the environment.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// Broker URL: nats://host:4222 or amqp://user:pass@host:5672/vhost.
+    #[arg(
+        long,
+        env = "CONVEYOR_BROKER",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub broker: BrokerUrl,
+    /// Namespace of subjects, exchanges and queues.
+    #[arg(
+        long,
+        env = "CONVEYOR_NAMESPACE",
+        default_value = "conveyor",
+        global = true
+    )]
+    pub namespace: String,
+    /// How long to keep trying to reach the broker at start-up.
+    #[arg(long, env = "CONVEYOR_CONNECT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
+    pub connect_timeout: Duration,
+}
+
+impl BrokerArgs {
+    /// Connects, retrying until `--connect-timeout` runs out.
+    pub async fn connect(&self) -> Result<Arc<dyn Transport>> {
+        transport::connect_with_retry(&self.broker, &self.namespace, self.connect_timeout).await
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `default_filter`).
+pub fn init_tracing(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
