@@ -14,7 +14,8 @@ pub struct BrokerArgs {
         long,
         env = "CONVEYOR_BROKER",
         default_value = "nats://127.0.0.1:4222",
-        global = true
+        global = true,
+        hide_env_values = true
     )]
     pub broker: BrokerUrl,
     /// Namespace of subjects, exchanges and queues.
