@@ -59,15 +59,39 @@ fn from_nats_headers(h: Option<&async_nats::HeaderMap>) -> Headers {
     out
 }
 
+/// Connects to the NATS server of `url`. Credentials in the URL are handed over as connect
+/// options, not inside the address: async-nats logs its server addresses, and they must not
+/// carry a password.
+pub(crate) async fn connect_client(url: &BrokerUrl, name: String) -> Result<async_nats::Client> {
+    let mut address = url.url().clone();
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    let user = decode(address.username());
+    let password = address.password().map(decode);
+    let _ = address.set_username("");
+    let _ = address.set_password(None);
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5));
+    match (user.is_empty(), password) {
+        (false, Some(password)) => options = options.user_and_password(user, password),
+        (false, None) => options = options.token(user),
+        _ => {}
+    }
+    options
+        .connect(address.as_str())
+        .await
+        .map_err(|e| Error::broker("connect", e))
+}
+
 impl NatsTransport {
     /// Connects and declares the streams.
     pub async fn connect(url: &BrokerUrl, names: Names) -> Result<Self> {
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("conveyor-{}", names.namespace()))
-            .connection_timeout(Duration::from_secs(5))
-            .connect(url.expose())
-            .await
-            .map_err(|e| Error::broker("connect", e))?;
+        let client = connect_client(url, format!("conveyor-{}", names.namespace())).await?;
         let js = jetstream::ContextBuilder::new()
             .ack_timeout(PUBLISH_ACK_TIMEOUT)
             .build(client.clone());

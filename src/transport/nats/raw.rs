@@ -11,9 +11,7 @@ use std::sync::Arc;
 
 /// Declares two throwaway streams and starts the by-hand worker.
 pub async fn flow(url: &BrokerUrl, concurrency: usize) -> Result<Flow> {
-    let client = async_nats::connect(url.expose())
-        .await
-        .map_err(|e| Error::broker("connect", e))?;
+    let client = super::connect_client(url, "conveyor-raw-bench".into()).await?;
     let js = jetstream::new(client);
     let tag = format!("{:x}", rand::random::<u32>());
     let (jobs_subject, results_subject) = (

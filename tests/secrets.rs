@@ -1,0 +1,241 @@
+//! Passwords in broker URLs never reach the output of any binary, even at `RUST_LOG=trace`, and
+//! a wrong password fails fast with a clear error. NATS: a second nats-server with a user and
+//! password on a spare loopback port. RabbitMQ: a user of its own on the local broker.
+
+mod common;
+
+use common::{free_port, unique_ns, wait_listening, Broker};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const PASSWORD: &str = "Pw-s3cret%XyZ";
+const PASSWORD_IN_URL: &str = "Pw-s3cret%25XyZ";
+
+fn run(bin: &str, args: &[&str], timeout_s: u32) -> Output {
+    Command::new("timeout")
+        .arg("-s")
+        .arg("TERM")
+        .arg(timeout_s.to_string())
+        .arg(common::bin(bin))
+        .args(args)
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run binary")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a worker, an aggregator and a waiting producer against `url`, then a producer with a
+/// wrong password; checks the round trip and that the password shows nowhere.
+fn round_trip_without_leaks(url: &str, wrong_url: &str, ns: &str, dir: &Path) {
+    let port = free_port().to_string();
+    let http = format!("127.0.0.1:{port}");
+    let store = dir.join("store");
+    // Long-running processes write to files: an unread pipe fills up at trace level.
+    let log = |name: &str| std::fs::File::create(dir.join(name)).expect("log file");
+    let mut worker = Command::new(common::bin("conveyor-worker"))
+        .args(["--broker", url, "--namespace", ns])
+        .env("RUST_LOG", "trace")
+        .stdout(log("worker.out"))
+        .stderr(log("worker.err"))
+        .spawn()
+        .expect("worker");
+    let mut aggregator = Command::new(common::bin("conveyor-aggregator"))
+        .args(["--broker", url, "--namespace", ns, "--http", &http])
+        .arg("--store")
+        .arg(&store)
+        .env("RUST_LOG", "trace")
+        .stdout(log("aggregator.out"))
+        .stderr(log("aggregator.err"))
+        .spawn()
+        .expect("aggregator");
+    let producer = run(
+        "conveyor-producer",
+        &[
+            "--broker",
+            url,
+            "--namespace",
+            ns,
+            "publish",
+            "echo",
+            "--payload",
+            r#"{"s":1}"#,
+            "--wait",
+            "--wait-timeout",
+            "20s",
+        ],
+        40,
+    );
+    let bench = run(
+        "conveyor-producer",
+        &[
+            "--broker",
+            url,
+            "--namespace",
+            ns,
+            "bench",
+            "--jobs",
+            "200",
+            "--light-jobs",
+            "5",
+            "--rounds",
+            "1",
+        ],
+        60,
+    );
+    let wrong = run(
+        "conveyor-producer",
+        &[
+            "--broker",
+            wrong_url,
+            "--namespace",
+            ns,
+            "--connect-timeout",
+            "1s",
+            "publish",
+            "echo",
+            "--payload",
+            "{}",
+        ],
+        30,
+    );
+    let deleted = run(
+        "conveyor-producer",
+        &[
+            "--broker",
+            url,
+            "--namespace",
+            ns,
+            "delete-namespace",
+            "--yes",
+        ],
+        30,
+    );
+    for child in [&mut worker, &mut aggregator] {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let _ = child.wait();
+    }
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let services = [
+        read("worker.out") + &read("worker.err"),
+        read("aggregator.out") + &read("aggregator.err"),
+    ];
+
+    assert!(
+        producer.status.success(),
+        "round trip with a password:\n{}",
+        text(&producer)
+    );
+    assert!(text(&producer).contains("\"status\":\"succeeded\""));
+    assert!(
+        bench.status.success(),
+        "bench with a password:\n{}",
+        text(&bench)
+    );
+    assert_eq!(
+        wrong.status.code(),
+        Some(2),
+        "wrong password fails:\n{}",
+        text(&wrong)
+    );
+    let wrong_text = text(&wrong).to_lowercase();
+    assert!(
+        wrong_text.contains("authorization")
+            || wrong_text.contains("access_refused")
+            || wrong_text.contains("auth"),
+        "the error says why: {wrong_text}"
+    );
+    assert!(deleted.status.success(), "{}", text(&deleted));
+    let all: Vec<String> = [&producer, &bench, &wrong, &deleted]
+        .iter()
+        .map(|o| text(o))
+        .chain(services)
+        .collect();
+    let lines: usize = all.iter().map(|t| t.lines().count()).sum();
+    assert!(lines > 100, "trace logging was on ({lines} lines)");
+    for t in &all {
+        assert!(!t.contains(PASSWORD), "password printed:\n{t}");
+        assert!(!t.contains(PASSWORD_IN_URL), "password printed:\n{t}");
+        assert!(!t.contains("wrong-pass"), "wrong password printed:\n{t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_passwords_stay_secret() {
+    common::ensure_up(Broker::Nats);
+    let server = Path::new("/usr/sbin/nats-server");
+    let server = if server.exists() {
+        server.to_path_buf()
+    } else {
+        "nats-server".into()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut nats = Command::new(&server)
+        .args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-js",
+            "--user",
+            "conv",
+            "--pass",
+            PASSWORD,
+        ])
+        .arg("-sd")
+        .arg(dir.path().join("js"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server is installed (it runs the local broker too)");
+    wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(10)).await;
+    let url = format!("nats://conv:{PASSWORD_IN_URL}@127.0.0.1:{port}");
+    let wrong = format!("nats://conv:wrong-pass@127.0.0.1:{port}");
+    let ns = unique_ns("s");
+    let d = dir.path().to_path_buf();
+    let outcome =
+        tokio::task::spawn_blocking(move || round_trip_without_leaks(&url, &wrong, &ns, &d)).await;
+    let _ = nats.kill();
+    let _ = nats.wait();
+    outcome.expect("round trip");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_passwords_stay_secret() {
+    common::ensure_up(Broker::Amqp);
+    let user = unique_ns("user");
+    let ctl = |args: &[&str]| {
+        let out = Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl is installed");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ctl(&["add_user", &user, PASSWORD]);
+    ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let url = format!("amqp://{user}:{PASSWORD_IN_URL}@127.0.0.1:5672/%2f");
+    let wrong = format!("amqp://{user}:wrong-pass@127.0.0.1:5672/%2f");
+    let ns = unique_ns("s");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_path_buf();
+    let outcome =
+        tokio::task::spawn_blocking(move || round_trip_without_leaks(&url, &wrong, &ns, &d)).await;
+    ctl(&["delete_user", &user]);
+    outcome.expect("round trip");
+}
