@@ -107,9 +107,13 @@ impl Cluster {
     }
 }
 
+fn builtin_kinds() -> Vec<String> {
+    conveyor::worker::builtin::registry().kinds()
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
-        common::delete_namespace(self.broker, &self.ns);
+        common::delete_namespace(self.broker, &self.ns, &builtin_kinds());
     }
 }
 

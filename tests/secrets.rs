@@ -107,6 +107,14 @@ fn round_trip_without_leaks(url: &str, wrong_url: &str, ns: &str, dir: &Path) {
         ],
         30,
     );
+    for child in [&mut worker, &mut aggregator] {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let _ = child.wait();
+    }
+    // Delete after the services stopped: a connected client would re-declare what it uses.
     let deleted = run(
         "conveyor-producer",
         &[
@@ -119,13 +127,6 @@ fn round_trip_without_leaks(url: &str, wrong_url: &str, ns: &str, dir: &Path) {
         ],
         30,
     );
-    for child in [&mut worker, &mut aggregator] {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let _ = child.wait();
-    }
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let services = [
         read("worker.out") + &read("worker.err"),

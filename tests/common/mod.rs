@@ -61,8 +61,9 @@ pub fn unique_ns(prefix: &str) -> String {
 
 /// Deletes a test namespace from the broker (on a thread of its own, so `Drop` can call it,
 /// also when a test failed): tests must not leave queues and streams behind.
-pub fn delete_namespace(broker: Broker, ns: &str) {
+pub fn delete_namespace(broker: Broker, ns: &str, kinds: &[String]) {
     let ns = ns.to_string();
+    let kinds = kinds.to_vec();
     let joined = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -73,7 +74,6 @@ pub fn delete_namespace(broker: Broker, ns: &str) {
             let t =
                 tokio::time::timeout(Duration::from_secs(10), transport::connect(&url, &ns)).await;
             if let Ok(Ok(t)) = t {
-                let kinds = builtin::registry().kinds();
                 if let Err(e) = t.delete_namespace(&kinds).await {
                     eprintln!("could not delete test namespace {ns}: {e}");
                 }
@@ -105,6 +105,7 @@ pub fn test_worker_config() -> WorkerConfig {
 pub struct Stack {
     pub broker: Broker,
     pub ns: String,
+    pub kinds: Vec<String>,
     pub client: Client,
     pub http: SocketAddr,
     pub store: tempfile::TempDir,
@@ -129,6 +130,7 @@ impl Stack {
             Broker::Amqp => "a",
         });
         let stop = CancellationToken::new();
+        let kinds = registry.kinds();
         let wt = transport::connect(&url, &ns)
             .await
             .expect("worker connects");
@@ -161,6 +163,7 @@ impl Stack {
         Stack {
             broker,
             ns,
+            kinds,
             client,
             http,
             store,
@@ -189,7 +192,7 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         self.stop.cancel();
-        delete_namespace(self.broker, &self.ns);
+        delete_namespace(self.broker, &self.ns, &self.kinds);
     }
 }
 
