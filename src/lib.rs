@@ -18,6 +18,7 @@ pub mod message;
 pub mod protocol;
 pub mod result;
 pub mod shutdown;
+pub mod supervisor;
 pub mod transport;
 pub mod worker;
 

@@ -19,6 +19,8 @@ both_brokers!(
     killed_aggregator_records_every_job_once,
     sigterm_drains_and_hands_back,
     producer_cli_publishes_and_waits,
+    supervised_workers_survive_crash_jobs,
+    supervisor_up_runs_a_local_stack,
 );
 
 struct Cluster {
@@ -376,4 +378,125 @@ async fn producer_cli_publishes_and_waits(broker: Broker) {
         .expect("worker");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown kind \"nope\" in --kinds"));
+}
+
+async fn supervised_workers_survive_crash_jobs(broker: Broker) {
+    let c = Cluster::new(broker);
+    let _agg = c.aggregator("aggregator").await;
+    let client = c.client().await;
+    let crashes = publish_all(
+        &client,
+        (0..2)
+            .map(|_| JobSpec::new("crash", json!({})).max_attempts(2))
+            .collect(),
+    )
+    .await;
+    let echoes = publish_all(
+        &client,
+        (0..100)
+            .map(|i| JobSpec::new("echo", json!({"i": i})))
+            .collect(),
+    )
+    .await;
+    let worker = common::bin("conveyor-worker");
+    let worker = worker.to_str().expect("utf-8 path");
+    let mut sup = Proc::spawn(
+        "supervisor",
+        "conveyor-supervisor",
+        &[
+            "--workers",
+            "2",
+            "--restart-backoff",
+            "50ms..500ms",
+            "--max-restarts",
+            "20",
+            "--within",
+            "60s",
+            "--drain-timeout",
+            "10s",
+            "--",
+            worker,
+            "--broker",
+            &c.url,
+            "--namespace",
+            &c.ns,
+            "--lease",
+            "2s",
+            "--concurrency",
+            "4",
+        ],
+        c.logs(),
+    );
+    assert_all_recorded(c.http, &crashes, "dead").await;
+    assert_all_recorded(c.http, &echoes, "succeeded").await;
+    let stats = wait_for_results(c.http, 102, WAIT).await;
+    assert_eq!(
+        stats["by_status"],
+        json!({"dead": 2, "succeeded": 100}),
+        "{stats}"
+    );
+    sup.signal("TERM");
+    assert_eq!(sup.wait_exit(Duration::from_secs(20)).await, Some(0));
+    let log = sup.log_text();
+    let restarts = log.matches("child restarted").count();
+    assert!(
+        restarts >= 2,
+        "each crash job took down a worker that came back ({restarts}):\n{log}"
+    );
+    assert!(log.contains("killed by SIGABRT"), "{log}");
+    println!("{broker:?}: 2 crash jobs dead, 100 echo jobs done, {restarts} restarts");
+}
+
+async fn supervisor_up_runs_a_local_stack(broker: Broker) {
+    let c = Cluster::new(broker);
+    let store = c.dir.path().join("up-store");
+    let http = c.http.to_string();
+    let mut up = Proc::spawn_env(
+        "up",
+        "conveyor-supervisor",
+        &[
+            "up",
+            "--workers",
+            "2",
+            "--namespace",
+            &c.ns,
+            "--http",
+            &http,
+            "--store",
+            store.to_str().expect("utf-8 path"),
+            "--",
+            "--concurrency",
+            "4",
+        ],
+        &[("CONVEYOR_BROKER", c.url.as_str())],
+        c.logs(),
+    );
+    wait_listening(&http, Duration::from_secs(20)).await;
+    let client = c.client().await;
+    let ids = publish_all(
+        &client,
+        (0..300)
+            .map(|i| JobSpec::new("echo", json!({"i": i})))
+            .collect(),
+    )
+    .await;
+    assert_all_recorded(c.http, &ids, "succeeded").await;
+    up.signal("TERM");
+    assert_eq!(
+        up.wait_exit(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        up.log_text()
+    );
+    let log = up.log_text();
+    for name in ["[aggregator]", "[worker-0]", "[worker-1]"] {
+        assert!(
+            log.contains(name),
+            "{name} ran under the supervisor:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("guest:guest") || broker == Broker::Nats,
+        "no password in the output"
+    );
 }

@@ -281,6 +281,17 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, bin_name: &str, args: &[&str], logs: &Path) -> Proc {
+        Self::spawn_env(name, bin_name, args, &[], logs)
+    }
+
+    /// Like [`Proc::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        bin_name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        logs: &Path,
+    ) -> Proc {
         let log = logs.join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -290,6 +301,7 @@ impl Proc {
         let err = file.try_clone().expect("log file clone");
         let child = Command::new(bin(bin_name))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file)

@@ -1,0 +1,164 @@
+//! `conveyor-supervisor` as a process: restarts, restart intensity, signal forwarding.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn supervisor(args: &[&str], log: &std::path::Path) -> std::process::Child {
+    let file = std::fs::File::create(log).expect("log");
+    Command::new(common::bin("conveyor-supervisor"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("supervisor starts")
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn gives_up_after_too_many_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("sup.log");
+    let mut sup = supervisor(
+        &[
+            "--workers",
+            "2",
+            "--restart-backoff",
+            "10ms..40ms",
+            "--max-restarts",
+            "5",
+            "--within",
+            "30s",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exit 3",
+        ],
+        &log,
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = sup.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the supervisor gives up in time"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("gave up: 6 restarts within 30s (limit 5)"),
+        "{text}"
+    );
+    assert!(text.contains("exit code 3"), "{text}");
+    // The sixth exit makes it give up; the fifth restart may or may not have run by then.
+    let restarts = text.matches("child restarted").count();
+    assert!(
+        (4..=5).contains(&restarts),
+        "{restarts} restarts before giving up:\n{text}"
+    );
+    let started = text.lines().filter(|l| l.ends_with("] started")).count();
+    // A child restarted just before the end may be stopped before it printed.
+    assert!(
+        (1 + restarts..=2 + restarts).contains(&started),
+        "the children's output came through ({started} starts):\n{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("[worker-1] started")),
+        "output is prefixed"
+    );
+}
+
+#[test]
+fn restarts_killed_children_and_forwards_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("sup.log");
+    let script = "echo started; trap 'echo stopping; exit 0' TERM; while :; do sleep 0.05; done";
+    let mut sup = supervisor(
+        &[
+            "--workers",
+            "2",
+            "--restart-backoff",
+            "10ms..1s",
+            "--drain-timeout",
+            "5s",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        &log,
+    );
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let started = || read().lines().filter(|l| l.ends_with("] started")).count();
+    wait_until("two children", Duration::from_secs(10), || {
+        started() == 2 && children_of(sup.id()).len() == 2
+    });
+    let victim = children_of(sup.id())[0];
+    let killed = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    wait_until("a restart", Duration::from_secs(10), || started() == 3);
+    wait_until("two children again", Duration::from_secs(10), || {
+        children_of(sup.id()).len() == 2
+    });
+    assert!(read().contains("killed by SIGKILL"), "{}", read());
+    let term = Command::new("kill")
+        .args(["-TERM", &sup.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = sup.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the supervisor stops in time"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = read();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.ends_with("] stopping")).count(),
+        2,
+        "both children got SIGTERM:\n{text}"
+    );
+}
+
+#[test]
+fn refuses_a_bad_backoff() {
+    let out = Command::new(common::bin("conveyor-supervisor"))
+        .args(["--restart-backoff", "10s..1s", "--", "true"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--restart-backoff"));
+}
