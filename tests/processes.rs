@@ -21,6 +21,7 @@ both_brokers!(
     producer_cli_publishes_and_waits,
     supervised_workers_survive_crash_jobs,
     supervisor_up_runs_a_local_stack,
+    heartbeats_report_live_and_gone_workers,
 );
 
 struct Cluster {
@@ -499,4 +500,61 @@ async fn supervisor_up_runs_a_local_stack(broker: Broker) {
         !log.contains("guest:guest") || broker == Broker::Nats,
         "no password in the output"
     );
+}
+
+async fn live_workers(http: SocketAddr, want: u64) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, stats) = http_get(http, "/stats").await;
+        if stats["workers"].as_u64() == Some(want) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected {want} live workers: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn heartbeats_report_live_and_gone_workers(broker: Broker) {
+    let c = Cluster::new(broker);
+    let _agg = c.aggregator("aggregator").await;
+    let mut a = c.worker(
+        "worker-a",
+        &["--heartbeat", "300ms", "--kinds", "echo,sleep"],
+    );
+    let mut b = c.worker("worker-b", &["--heartbeat", "300ms"]);
+    live_workers(c.http, 2).await;
+    let out = c.producer(&["workers", "--listen", "1s"], None);
+    assert!(out.status.success());
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    for (p, kinds) in [(&a, json!(["echo", "sleep"])), (&b, json!([]))] {
+        let line = listed
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line"))
+            .find(|v| v["pid"] == json!(p.pid()))
+            .unwrap_or_else(|| panic!("worker {} listed: {listed}", p.pid()));
+        assert_eq!(line["kinds"], kinds);
+        assert_eq!(line["alive"], json!(true));
+        assert_eq!(
+            line["concurrency"],
+            json!(conveyor::worker::default_concurrency())
+        );
+    }
+    a.kill9();
+    live_workers(c.http, 1).await;
+    let (_, workers) = http_get(c.http, "/workers").await;
+    let gone = workers["workers"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|w| w["pid"] == json!(a.pid()))
+        .cloned()
+        .expect("the killed worker is still listed");
+    assert_eq!(gone["alive"], json!(false), "{workers}");
+    b.signal("TERM");
+    assert_eq!(b.wait_exit(Duration::from_secs(20)).await, Some(0));
+    live_workers(c.http, 0).await;
 }

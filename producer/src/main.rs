@@ -7,6 +7,7 @@
 
 mod bench_cmd;
 mod publish;
+mod workers_cmd;
 
 use clap::{Parser, Subcommand};
 use conveyor::cli::BrokerArgs;
@@ -31,6 +32,8 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Measure end-to-end throughput and latency next to the raw broker.
     Bench(bench_cmd::BenchArgs),
+    /// List the live workers, from their heartbeats.
+    Workers(workers_cmd::WorkersArgs),
     /// Delete the namespace's streams, or exchanges and queues, with every job and result in them.
     DeleteNamespace(DeleteArgs),
 }
@@ -72,6 +75,9 @@ async fn main() -> std::process::ExitCode {
     let outcome = match args.command {
         Command::Publish(p) => publish::run(&args.broker.broker, &args.broker.namespace, p).await,
         Command::Bench(b) => bench_cmd::run(&args.broker.broker, &args.broker.namespace, b).await,
+        Command::Workers(w) => {
+            workers_cmd::run(&args.broker.broker, &args.broker.namespace, w).await
+        }
         Command::DeleteNamespace(d) => {
             delete_namespace(&args.broker.broker, &args.broker.namespace, d).await
         }

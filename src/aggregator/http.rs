@@ -1,20 +1,30 @@
-//! The aggregator's HTTP API: `GET /jobs/{id}`, `GET /stats`, `GET /health`.
+//! The aggregator's HTTP API: `GET /jobs/{id}`, `GET /stats`, `GET /workers`, `GET /health`.
 
 use super::store::Store;
+use super::workers::Liveness;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
+use std::sync::Arc;
 
-/// The routes over `store`.
-pub fn router(store: Store) -> Router {
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    store: Store,
+    liveness: Arc<Liveness>,
+}
+
+/// The routes over `store` and the workers' liveness.
+pub fn router(store: Store, liveness: Arc<Liveness>) -> Router {
     Router::new()
         .route("/jobs/{id}", get(job))
         .route("/stats", get(stats))
+        .route("/workers", get(workers))
         .route("/health", get(health))
-        .with_state(store)
+        .with_state(AppState { store, liveness })
 }
 
 fn internal(e: crate::Error) -> Response {
@@ -25,7 +35,8 @@ fn internal(e: crate::Error) -> Response {
         .into_response()
 }
 
-async fn job(State(store): State<Store>, Path(id): Path<String>) -> Response {
+async fn job(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let store = state.store;
     match tokio::task::spawn_blocking(move || store.get(&id).map(|r| (id, r))).await {
         Ok(Ok((_, Some(r)))) => Json(json!({
             "id": r.id,
@@ -46,12 +57,23 @@ async fn job(State(store): State<Store>, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn stats(State(store): State<Store>) -> Response {
+async fn stats(State(state): State<AppState>) -> Response {
+    let store = state.store;
     match tokio::task::spawn_blocking(move || store.stats()).await {
-        Ok(Ok(s)) => Json(s).into_response(),
+        Ok(Ok(s)) => Json(json!({
+            "results": s.results,
+            "duplicates": s.duplicates,
+            "by_status": s.by_status,
+            "workers": state.liveness.live(),
+        }))
+        .into_response(),
         Ok(Err(e)) => internal(e),
         Err(e) => internal(crate::Error::Store(e.to_string())),
     }
+}
+
+async fn workers(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "workers": state.liveness.view() }))
 }
 
 async fn health() -> Json<serde_json::Value> {

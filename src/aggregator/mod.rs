@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod store;
+pub mod workers;
 
 use crate::error::{Error, Result};
 use crate::result::JobResult;
@@ -48,10 +49,20 @@ pub async fn run(
     if let Some(tx) = ready {
         let _ = tx.send(addr);
     }
+    let liveness = Arc::new(workers::Liveness::default());
+    let mut beats = transport.listen(crate::worker::heartbeat::PATTERN).await?;
+    let heard = liveness.clone();
+    let listening = tokio::spawn(async move {
+        while let Some(msg) = beats.next().await {
+            if let Some(hb) = crate::worker::heartbeat::Heartbeat::from_message(&msg) {
+                heard.beat(hb);
+            }
+        }
+    });
     let server_stop = shutdown.clone();
     let http_store = store.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, http::router(http_store))
+        axum::serve(listener, http::router(http_store, liveness))
             .with_graceful_shutdown(async move { server_stop.cancelled().await })
             .await
     });
@@ -91,6 +102,7 @@ pub async fn run(
         record(&store, batch).await;
     }
     drop(results);
+    listening.abort();
     let _ = server.await;
     transport.close().await?;
     tracing::info!("aggregator stopped");

@@ -177,6 +177,15 @@ pub trait Transport: Send + Sync + 'static {
     /// Opens a private reply address and the stream of what arrives there.
     async fn reply_inbox(&self) -> Result<(String, MessageStream)>;
 
+    /// Publishes at most once to every current listener of `topic` (dot-separated words, e.g.
+    /// `heartbeats.<worker>`): NATS subject `<ns>.<topic>`, RabbitMQ exchange `<ns>.events` with
+    /// routing key `<topic>`. Not confirmed, not stored.
+    async fn broadcast(&self, topic: &str, msg: Message) -> Result<()>;
+
+    /// Receives what is broadcast on topics matching `pattern` from now on (`*` one word, `>`
+    /// the rest, as in NATS subjects).
+    async fn listen(&self, pattern: &str) -> Result<MessageStream>;
+
     /// Settles everything in flight and closes the connection cleanly.
     async fn close(&self) -> Result<()>;
 

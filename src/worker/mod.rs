@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod builtin;
+pub mod heartbeat;
 pub mod process;
 pub mod registry;
 
@@ -39,8 +40,10 @@ pub struct WorkerConfig {
     pub timeout_grace: Duration,
     /// Retry delays.
     pub backoff: Backoff,
-    /// Name on results (`Conveyor-Worker`).
+    /// Name on results (`Conveyor-Worker`) and heartbeats.
     pub worker_id: String,
+    /// How often the worker broadcasts a heartbeat.
+    pub heartbeat: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -54,6 +57,7 @@ impl Default for WorkerConfig {
             timeout_grace: process::DEFAULT_TIMEOUT_GRACE,
             backoff: Backoff::default(),
             worker_id: default_worker_id(),
+            heartbeat: Duration::from_secs(5),
         }
     }
 }
@@ -66,15 +70,19 @@ pub fn default_concurrency() -> usize {
         * 4
 }
 
-/// `<host>-<pid>`.
-pub fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+/// This machine's host name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{host}-{}", std::process::id())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `<host>-<pid>`.
+pub fn default_worker_id() -> String {
+    format!("{}-{}", hostname(), std::process::id())
 }
 
 /// Counters of what a worker did.
@@ -210,6 +218,26 @@ pub async fn run(
         ));
     }
     pumps.close();
+    let beating = CancellationToken::new();
+    let beat = heartbeat::Heartbeat {
+        id: shared.config.worker_id.clone(),
+        host: hostname(),
+        pid: std::process::id(),
+        kinds: shared.config.kinds.clone().unwrap_or_default(),
+        in_flight: 0,
+        concurrency: shared.config.concurrency,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        at_ms: 0,
+        interval_ms: u64::try_from(shared.config.heartbeat.as_millis()).unwrap_or(u64::MAX),
+        stopping: false,
+    };
+    let heart = tokio::spawn(heartbeat::run(
+        transport.clone(),
+        beat,
+        permits.clone(),
+        shared.config.heartbeat.max(Duration::from_millis(100)),
+        beating.clone(),
+    ));
     shutdown.cancelled().await;
     tracing::info!("no longer taking jobs; draining");
     pumps.wait().await;
@@ -222,6 +250,8 @@ pub async fn run(
     }
     abandon.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), jobs.wait()).await;
+    beating.cancel();
+    let _ = heart.await;
     transport.close().await?;
     let c = &shared.counters;
     let report = WorkerReport {

@@ -38,6 +38,9 @@ struct Args {
     /// extend it while they run).
     #[arg(long, env = "CONVEYOR_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     lease: Duration,
+    /// How often to broadcast a heartbeat (a worker silent for three is reported gone).
+    #[arg(long, env = "CONVEYOR_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
     /// Delay before the first retry; doubles each attempt, with jitter.
     #[arg(long, env = "CONVEYOR_RETRY_BASE", default_value = "200ms", value_parser = humantime::parse_duration)]
     retry_base: Duration,
@@ -60,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         drain_timeout: args.drain_timeout,
         lease: args.lease,
+        heartbeat: args.heartbeat,
         backoff: Backoff {
             base: args.retry_base,
             max: args.retry_max,

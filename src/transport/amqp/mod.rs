@@ -401,6 +401,62 @@ impl Inner {
         Ok(())
     }
 
+    /// A server-named exclusive queue, bound to `(exchange, key)` when given, consumed without
+    /// acks (replies and broadcasts are at most once). Returns its name and what arrives.
+    async fn private_queue(
+        &self,
+        bind: Option<(String, String)>,
+    ) -> Result<(String, MessageStream)> {
+        let ch = self.channel().await?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::broker("declare private queue", e))?;
+        let name = q.name().as_str().to_string();
+        if let Some((exchange, key)) = bind {
+            ch.queue_bind(
+                name.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::broker("bind private queue", e))?;
+        }
+        let consumer = ch
+            .basic_consume(
+                name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::broker("basic.consume", e))?;
+        let stream = consumer
+            .filter_map(move |d| {
+                let _keep_channel_open = &ch;
+                futures::future::ready(d.ok().map(|d| {
+                    let (h, _) = from_amqp(&d.properties);
+                    Message::new(h, d.data)
+                }))
+            })
+            .boxed();
+        Ok((name, stream))
+    }
+
     async fn consume_queue(
         &self,
         queue: String,
@@ -569,43 +625,22 @@ impl Transport for AmqpTransport {
     }
 
     async fn reply_inbox(&self) -> Result<(String, MessageStream)> {
-        let ch = self.inner.channel().await?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        self.inner.private_queue(None).await
+    }
+
+    async fn broadcast(&self, topic: &str, msg: Message) -> Result<()> {
+        let t = &self.inner;
+        t.publish_raw(&t.names.exchange("events"), topic, false, &msg)
             .await
-            .map_err(|e| Error::broker("declare reply queue", e))?;
-        let name = q.name().as_str().to_string();
-        let consumer = ch
-            .basic_consume(
-                name.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::broker("basic.consume", e))?;
-        let stream = consumer
-            .filter_map(move |d| {
-                let _keep_channel_open = &ch;
-                futures::future::ready(d.ok().map(|d| {
-                    let (h, _) = from_amqp(&d.properties);
-                    Message::new(h, d.data)
-                }))
-            })
-            .boxed();
-        Ok((name, stream))
+    }
+
+    async fn listen(&self, pattern: &str) -> Result<MessageStream> {
+        // NATS wildcards to AMQP ones: `>` (the rest) is `#`; `*` is the same.
+        let bind = (
+            self.inner.names.exchange("events"),
+            pattern.replace('>', "#"),
+        );
+        Ok(self.inner.private_queue(Some(bind)).await?.1)
     }
 
     async fn delete_namespace(&self, kinds: &[String]) -> Result<()> {

@@ -406,6 +406,25 @@ impl Transport for NatsTransport {
         Ok((inbox, stream))
     }
 
+    async fn broadcast(&self, topic: &str, msg: Message) -> Result<()> {
+        let subject = format!("{}.{topic}", self.names.namespace());
+        self.client
+            .publish_with_headers(subject, to_nats_headers(&msg.headers, None), msg.body)
+            .await
+            .map_err(|e| Error::broker("broadcast", e))
+    }
+
+    async fn listen(&self, pattern: &str) -> Result<MessageStream> {
+        let sub = self
+            .client
+            .subscribe(format!("{}.{pattern}", self.names.namespace()))
+            .await
+            .map_err(|e| Error::broker("subscribe", e))?;
+        Ok(sub
+            .map(|m| Message::new(from_nats_headers(m.headers.as_ref()), m.payload))
+            .boxed())
+    }
+
     async fn delete_namespace(&self, _kinds: &[String]) -> Result<()> {
         for class in ["jobs", "results", "dead"] {
             let name = self.names.stream(class);
