@@ -12,6 +12,15 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Publishes `spec` and waits for its final result.
+async fn run_job(stack: &Stack, spec: JobSpec) -> conveyor::JobResult {
+    stack
+        .client
+        .call(spec, WAIT)
+        .await
+        .expect("a result in time")
+}
+
 both_brokers!(
     every_builtin_kind_in_both_codecs,
     fail_retries_then_succeeds_or_dead_letters,
@@ -88,22 +97,15 @@ async fn every_builtin_kind_in_both_codecs(broker: Broker) {
 
 async fn fail_retries_then_succeeds_or_dead_letters(broker: Broker) {
     let stack = Stack::start(broker, test_worker_config()).await;
-    let r = stack
-        .client
-        .call(JobSpec::new("fail", json!({"times": 2})), WAIT)
-        .await
-        .expect("result");
+    let r = run_job(&stack, JobSpec::new("fail", json!({"times": 2}))).await;
     assert_eq!((r.status.as_str(), r.attempt), ("succeeded", 3), "{r:?}");
     assert_eq!(r.output, json!({"attempts": 3}));
 
-    let r = stack
-        .client
-        .call(
-            JobSpec::new("fail", json!({"times": -1})).max_attempts(3),
-            WAIT,
-        )
-        .await
-        .expect("result");
+    let r = run_job(
+        &stack,
+        JobSpec::new("fail", json!({"times": -1})).max_attempts(3),
+    )
+    .await;
     assert_eq!((r.status.as_str(), r.attempt), ("dead", 3), "{r:?}");
     let error = r.error.clone().unwrap_or_default();
     assert!(error.contains("failed after 3 attempts"), "{error}");
@@ -266,11 +268,7 @@ async fn many_jobs_are_recorded_once(broker: Broker) {
 async fn long_job_keeps_its_lease(broker: Broker) {
     // The stack's lease is 3 s; the job runs 7 s and must not be redelivered meanwhile.
     let stack = Stack::start(broker, test_worker_config()).await;
-    let r = stack
-        .client
-        .call(JobSpec::new("sleep", json!({"ms": 7000})), WAIT)
-        .await
-        .expect("result");
+    let r = run_job(&stack, JobSpec::new("sleep", json!({"ms": 7000}))).await;
     assert_eq!((r.status.as_str(), r.attempt), ("succeeded", 1), "{r:?}");
     tokio::time::sleep(Duration::from_secs(4)).await;
     let stats = wait_for_results(stack.http, 1, WAIT).await;
@@ -296,11 +294,7 @@ async fn panicking_handler_fails_only_its_job(broker: Broker) {
         }),
     );
     let stack = Stack::start_with(broker, test_worker_config(), registry).await;
-    let r = stack
-        .client
-        .call(JobSpec::new("panic", json!("boom")).max_attempts(2), WAIT)
-        .await
-        .expect("result");
+    let r = run_job(&stack, JobSpec::new("panic", json!("boom")).max_attempts(2)).await;
     assert_eq!((r.status.as_str(), r.attempt), ("dead", 2), "{r:?}");
     assert!(r
         .error
@@ -318,16 +312,13 @@ async fn panicking_handler_fails_only_its_job(broker: Broker) {
 async fn deadline_fails_the_attempt(broker: Broker) {
     let stack = Stack::start(broker, test_worker_config()).await;
     let started = std::time::Instant::now();
-    let r = stack
-        .client
-        .call(
-            JobSpec::new("sleep", json!({"ms": 20_000}))
-                .timeout_ms(300)
-                .max_attempts(2),
-            WAIT,
-        )
-        .await
-        .expect("result");
+    let r = run_job(
+        &stack,
+        JobSpec::new("sleep", json!({"ms": 20_000}))
+            .timeout_ms(300)
+            .max_attempts(2),
+    )
+    .await;
     assert_eq!((r.status.as_str(), r.attempt), ("dead", 2), "{r:?}");
     assert!(r
         .error
