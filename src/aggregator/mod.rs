@@ -75,6 +75,7 @@ pub async fn run(
     let mut results = transport
         .consume(Source::Results("aggregator".into()), opts)
         .await?;
+    let mut ended = false;
     loop {
         let first = tokio::select! {
             biased;
@@ -85,10 +86,12 @@ pub async fn run(
             Some(Ok(d)) => vec![d],
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "results consumer error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
             None => {
-                tracing::warn!("results consumer ended");
+                tracing::error!("results consumer ended; stopping");
+                ended = true;
                 break;
             }
         };
@@ -103,9 +106,19 @@ pub async fn run(
     }
     drop(results);
     listening.abort();
+    if ended {
+        // Stop serving too, so the process exits and can be restarted.
+        shutdown.cancel();
+    }
     let _ = server.await;
     transport.close().await?;
     tracing::info!("aggregator stopped");
+    if ended {
+        return Err(Error::Broker {
+            op: "consume results",
+            source: "the results consumer ended".into(),
+        });
+    }
     Ok(())
 }
 

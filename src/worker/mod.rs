@@ -238,7 +238,18 @@ pub async fn run(
         shared.config.heartbeat.max(Duration::from_millis(100)),
         beating.clone(),
     ));
-    shutdown.cancelled().await;
+    let consumers_ended = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => false,
+        // Pumps also end because of a shutdown: only an end without one counts.
+        _ = pumps.wait() => !shutdown.is_cancelled(),
+    };
+    if consumers_ended {
+        // Every consumer is gone (the broker cancelled them or the connection could not
+        // recover): stop, so that a supervisor starts a fresh worker.
+        tracing::error!("every consumer ended; stopping the worker");
+        shutdown.cancel();
+    }
     tracing::info!("no longer taking jobs; draining");
     pumps.wait().await;
     jobs.close();
@@ -261,6 +272,12 @@ pub async fn run(
         handed_back: c.handed_back.load(Ordering::Relaxed),
     };
     tracing::info!(?report, "worker stopped");
+    if consumers_ended {
+        return Err(Error::Broker {
+            op: "consume",
+            source: "every consumer ended".into(),
+        });
+    }
     Ok(report)
 }
 
@@ -284,6 +301,8 @@ async fn pump(
             Some(Ok(d)) => d,
             Some(Err(e)) => {
                 tracing::warn!(source = %name, error = %e, "consumer error");
+                // A consumer that keeps failing must not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
             None => {
