@@ -24,6 +24,20 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// Waits for `child` to exit, failing with `what` after `timeout`.
+fn wait_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let mut status = None;
+    wait_until(what, timeout, || {
+        status = child.try_wait().expect("wait");
+        status.is_some()
+    });
+    status.expect("exited")
+}
+
 fn children_of(pid: u32) -> Vec<u32> {
     let out = Command::new("pgrep")
         .args(["-P", &pid.to_string()])
@@ -56,17 +70,11 @@ fn gives_up_after_too_many_restarts() {
         ],
         &log,
     );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = sup.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the supervisor gives up in time"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(
+        &mut sup,
+        Duration::from_secs(20),
+        "the supervisor gives up in time",
+    );
     let text = std::fs::read_to_string(&log).expect("log");
     assert_eq!(status.code(), Some(1), "{text}");
     assert!(
@@ -133,17 +141,11 @@ fn restarts_killed_children_and_forwards_sigterm() {
         .status()
         .expect("kill");
     assert!(term.success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = sup.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the supervisor stops in time"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(
+        &mut sup,
+        Duration::from_secs(10),
+        "the supervisor stops in time",
+    );
     let text = read();
     assert_eq!(status.code(), Some(0), "{text}");
     assert_eq!(

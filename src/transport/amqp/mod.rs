@@ -32,6 +32,18 @@ const PUBLISH_CHANNELS: usize = 8;
 /// How long a publish may wait for its confirm.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Opens a channel in publisher-confirm mode.
+pub(crate) async fn confirm_channel(conn: &lapin::Connection) -> Result<lapin::Channel> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| Error::broker("open channel", e))?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| Error::broker("confirm.select", e))?;
+    Ok(ch)
+}
+
 /// Makes confirm-mode channels on pooled connections.
 struct ChannelManager {
     connections: deadpool_lapin::Pool,
@@ -47,14 +59,7 @@ impl managed::Manager for ChannelManager {
             .get()
             .await
             .map_err(|e| Error::broker("connect", e))?;
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| Error::broker("open channel", e))?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| Error::broker("confirm.select", e))?;
-        Ok(ch)
+        confirm_channel(&conn).await
     }
 
     async fn recycle(

@@ -1,6 +1,7 @@
 //! The raw RabbitMQ flow for the benchmark: publish a job with a confirm, consume and ack it,
 //! publish a result with a confirm, consume and ack that. lapin only, no Conveyor logic.
 
+use super::confirm_channel;
 use crate::bench::{seq_of, Flow};
 use crate::broker_url::BrokerUrl;
 use crate::error::{Error, Result};
@@ -8,22 +9,11 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::sync::Arc;
-
-async fn confirm_channel(conn: &Connection) -> Result<Channel> {
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| Error::broker("open channel", e))?;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| Error::broker("confirm.select", e))?;
-    Ok(ch)
-}
 
 async fn publish_confirmed(ch: &Channel, queue: &str, body: &[u8]) -> Result<()> {
     let confirm = ch
