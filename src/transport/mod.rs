@@ -230,3 +230,25 @@ pub async fn connect_with_retry(
         }
     }
 }
+
+/// Publishes with confirms, retrying transient failures with backoff until `patience` runs out.
+pub async fn publish_retrying(
+    transport: &dyn Transport,
+    route: Route,
+    msg: Message,
+    patience: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match transport.publish(route.clone(), msg.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + wait < deadline => {
+                tracing::warn!(?route, error = %e, "publish not confirmed, retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

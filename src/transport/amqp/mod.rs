@@ -323,6 +323,20 @@ impl Inner {
         .map_err(|e| Error::broker("bind queue", e))
     }
 
+    /// Declares `queue` bound to `exchange` with `key` on a channel of its own.
+    async fn declare_bound(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        args: FieldTable,
+    ) -> Result<()> {
+        let ch = self.channel().await?;
+        self.queue(&ch, queue, exchange, key, args).await?;
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
     /// Declares (once per process) the delay queue for `kind` and `delay_ms`.
     async fn retry_queue(&self, kind: &str, delay_ms: u64) -> Result<String> {
         let name = self.names.retry_queue(kind, delay_ms);
@@ -571,17 +585,10 @@ impl Transport for AmqpTransport {
         let n = &t.names;
         let queue = match &source {
             Source::Kind(kind) => {
-                let ch = t.channel().await?;
-                t.queue(
-                    &ch,
-                    &n.job_queue(kind),
-                    &n.exchange("jobs"),
-                    kind,
-                    quorum_args(),
-                )
-                .await?;
-                let _ = ch.close(200, "declared".into()).await;
-                n.job_queue(kind)
+                let queue = n.job_queue(kind);
+                t.declare_bound(&queue, &n.exchange("jobs"), kind, quorum_args())
+                    .await?;
+                queue
             }
             Source::Unrouted(_) => n.unrouted(),
             Source::Results(group) if group == "aggregator" => n.results_queue(),
@@ -592,13 +599,11 @@ impl Transport for AmqpTransport {
                     _ => ("dead", n.dead_queue()),
                 };
                 let q = format!("{base}.{group}");
-                let ch = t.channel().await?;
                 let mut args = quorum_args();
                 if opts.ephemeral {
                     args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
                 }
-                t.queue(&ch, &q, &n.exchange(class), "#", args).await?;
-                let _ = ch.close(200, "declared".into()).await;
+                t.declare_bound(&q, &n.exchange(class), "#", args).await?;
                 q
             }
         };

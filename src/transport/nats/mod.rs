@@ -28,7 +28,8 @@ const EPHEMERAL_IDLE: Duration = Duration::from_secs(60);
 /// How often the catch-all worker looks for job subjects that no consumer serves.
 const DISCOVERY_INTERVAL: Duration = Duration::from_millis(500);
 
-/// A NATS connection with the namespace's streams declared.
+/// A NATS connection with the namespace's streams declared. Cheap to clone.
+#[derive(Clone)]
 pub struct NatsTransport {
     client: async_nats::Client,
     js: jetstream::Context,
@@ -202,21 +203,15 @@ impl NatsTransport {
     fn discover(&self, skip: Vec<String>, opts: ConsumeOptions) -> DeliveryStream {
         let (tx, rx) =
             futures::channel::mpsc::channel::<Result<Delivery>>(usize::from(opts.prefetch.max(1)));
-        let js = self.js.clone();
-        let names = self.names.clone();
-        let this = NatsTransport {
-            client: self.client.clone(),
-            js: self.js.clone(),
-            names: self.names.clone(),
-        };
+        let this = self.clone();
         tokio::spawn(async move {
             let mut served: HashSet<String> = skip.into_iter().collect();
-            let prefix = format!("{}.jobs.", names.namespace());
+            let prefix = format!("{}.jobs.", this.names.namespace());
             loop {
                 if tx.is_closed() {
                     return;
                 }
-                let subjects = match js.get_stream(names.stream("jobs")).await {
+                let subjects = match this.js.get_stream(this.names.stream("jobs")).await {
                     Ok(s) => match s.info_with_subjects(format!("{prefix}>")).await {
                         Ok(info) => info.try_collect::<Vec<_>>().await.unwrap_or_default(),
                         Err(_) => Vec::new(),
