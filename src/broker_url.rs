@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// The broker family a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +19,8 @@ pub struct BrokerUrl {
     kind: BrokerKind,
     raw: String,
     parsed: url::Url,
+    ca_file: Option<PathBuf>,
+    credentials_file: Option<PathBuf>,
 }
 
 impl BrokerUrl {
@@ -50,7 +53,37 @@ impl BrokerUrl {
             kind,
             raw: s.to_string(),
             parsed,
+            ca_file: None,
+            credentials_file: None,
         })
+    }
+
+    /// Trusts the PEM certificates in `path` (besides the system's) for `tls://` and `amqps://`.
+    pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// Authenticates to NATS with a credentials file (user JWT and NKey seed); RabbitMQ has no
+    /// such file, so it is refused there when connecting.
+    pub fn with_credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.credentials_file = Some(path.into());
+        self
+    }
+
+    /// The extra CA certificates file, if any.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
+    }
+
+    /// The NATS credentials file, if any.
+    pub fn credentials_file(&self) -> Option<&Path> {
+        self.credentials_file.as_deref()
+    }
+
+    /// True for `tls://` and `amqps://`.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.parsed.scheme(), "tls" | "amqps")
     }
 
     /// Which backend this URL selects.

@@ -3,6 +3,7 @@
 use crate::broker_url::BrokerUrl;
 use crate::error::Result;
 use crate::transport::{self, Transport};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,12 +30,30 @@ pub struct BrokerArgs {
     /// How long to keep trying to reach the broker at start-up.
     #[arg(long, env = "CONVEYOR_CONNECT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration, global = true)]
     pub connect_timeout: Duration,
+    /// Extra CA certificates (PEM) to trust for tls:// and amqps:// brokers.
+    #[arg(long, env = "CONVEYOR_TLS_CA", global = true, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// NATS credentials file (user JWT and NKey seed), instead of a user and password.
+    #[arg(long, env = "CONVEYOR_NATS_CREDS", global = true, value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
 }
 
 impl BrokerArgs {
     /// Connects, retrying until `--connect-timeout` runs out.
     pub async fn connect(&self) -> Result<Arc<dyn Transport>> {
-        transport::connect_with_retry(&self.broker, &self.namespace, self.connect_timeout).await
+        transport::connect_with_retry(&self.url(), &self.namespace, self.connect_timeout).await
+    }
+
+    /// The broker URL with the TLS and credentials files attached.
+    pub fn url(&self) -> BrokerUrl {
+        let mut url = self.broker.clone();
+        if let Some(ca) = &self.tls_ca {
+            url = url.with_ca_file(ca);
+        }
+        if let Some(creds) = &self.nats_creds {
+            url = url.with_credentials_file(creds);
+        }
+        url
     }
 }
 

@@ -20,6 +20,15 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The broker refused the credentials, or refused this user an operation (permissions).
+    /// Not transient: trying again with the same credentials cannot help.
+    #[error("broker refused {op}: {reason}")]
+    Denied {
+        /// What was being done.
+        op: &'static str,
+        /// The broker's words.
+        reason: String,
+    },
     /// A publish was not confirmed (negative confirm, returned message, or no answer).
     #[error("publish to {target} not confirmed: {reason}")]
     NotConfirmed {

@@ -37,6 +37,9 @@ pub mod header {
     pub const WORKER: &str = "Conveyor-Worker";
     /// Body encoding.
     pub const CONTENT_TYPE: &str = "Content-Type";
+    /// AMQP: the delay a retry waits, in milliseconds; the `<ns>.retry` headers exchange routes
+    /// on it to the delay queue of that length.
+    pub const RETRY_DELAY_MS: &str = "Conveyor-Retry-Delay-Ms";
     /// NATS JetStream de-duplication id.
     pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 }
@@ -174,7 +177,8 @@ impl Names {
             .collect();
         format!("{ns}_{}", class.to_ascii_uppercase())
     }
-    /// AMQP exchange for a class (`jobs`, `results`, `dead`, `events`, `control`): `<ns>.<class>`.
+    /// AMQP exchange for a class (`jobs`, `results`, `dead`, `events`, `control`, `replies`,
+    /// `retry`): `<ns>.<class>`.
     pub fn exchange(&self, class: &str) -> String {
         format!("{}.{class}", self.ns)
     }
@@ -194,9 +198,10 @@ impl Names {
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.ns)
     }
-    /// AMQP delay queue for retries of `kind` after about `delay_ms`.
-    pub fn retry_queue(&self, kind: &str, delay_ms: u64) -> String {
-        format!("{}.retry.{kind}.{delay_ms}ms", self.ns)
+    /// AMQP delay queue for retries after `delay_ms` (shared by all kinds: a waiting job keeps
+    /// its kind as routing key, under which it dead-letters back into `<ns>.jobs`).
+    pub fn retry_queue(&self, delay_ms: u64) -> String {
+        format!("{}.retry.{delay_ms}ms", self.ns)
     }
 }
 

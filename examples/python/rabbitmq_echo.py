@@ -10,6 +10,8 @@ channel = connection.channel()
 channel.confirm_delivery()  # basic_publish now waits for the broker's confirm
 
 reply_queue = channel.queue_declare(queue="", exclusive=True).method.queue
+# Replies arrive through the direct exchange <ns>.replies, keyed by the reply queue's name.
+channel.queue_bind(reply_queue, f"{ns}.replies", routing_key=reply_queue)
 job_id = str(uuid.uuid4())
 channel.basic_publish(
     exchange=f"{ns}.jobs",

@@ -72,15 +72,13 @@ async fn delete_namespace(
 async fn main() -> std::process::ExitCode {
     conveyor::cli::init_tracing("warn");
     let args = Args::parse();
+    let url = args.broker.url();
+    let ns = &args.broker.namespace;
     let outcome = match args.command {
-        Command::Publish(p) => publish::run(&args.broker.broker, &args.broker.namespace, p).await,
-        Command::Bench(b) => bench_cmd::run(&args.broker.broker, &args.broker.namespace, b).await,
-        Command::Workers(w) => {
-            workers_cmd::run(&args.broker.broker, &args.broker.namespace, w).await
-        }
-        Command::DeleteNamespace(d) => {
-            delete_namespace(&args.broker.broker, &args.broker.namespace, d).await
-        }
+        Command::Publish(p) => publish::run(&url, ns, p).await,
+        Command::Bench(b) => bench_cmd::run(&url, ns, b).await,
+        Command::Workers(w) => workers_cmd::run(&url, ns, w).await,
+        Command::DeleteNamespace(d) => delete_namespace(&url, ns, d).await,
     };
     match outcome {
         Ok(code) => code,

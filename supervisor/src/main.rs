@@ -115,7 +115,7 @@ fn sibling(name: &str) -> anyhow::Result<String> {
 
 fn up_children(up: &UpArgs) -> anyhow::Result<Vec<ChildSpec>> {
     // The broker URL travels in the environment: arguments are visible to `ps`.
-    let env = vec![
+    let mut env = vec![
         (
             "CONVEYOR_BROKER".to_string(),
             up.broker.broker.expose().to_string(),
@@ -125,6 +125,15 @@ fn up_children(up: &UpArgs) -> anyhow::Result<Vec<ChildSpec>> {
             up.broker.namespace.clone(),
         ),
     ];
+    let files = [
+        ("CONVEYOR_TLS_CA", &up.broker.tls_ca),
+        ("CONVEYOR_NATS_CREDS", &up.broker.nats_creds),
+    ];
+    for (var, path) in files {
+        if let Some(path) = path {
+            env.push((var.to_string(), path.to_string_lossy().into_owned()));
+        }
+    }
     let mut children = vec![ChildSpec {
         name: "aggregator".into(),
         program: sibling("conveyor-aggregator")?,

@@ -27,6 +27,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Connections kept open to the broker.
+const CONNECTIONS: usize = 4;
 /// Channels kept for publishing.
 const PUBLISH_CHANNELS: usize = 8;
 /// How long a publish may wait for its confirm.
@@ -37,42 +39,11 @@ pub(crate) async fn confirm_channel(conn: &lapin::Connection) -> Result<lapin::C
     let ch = conn
         .create_channel()
         .await
-        .map_err(|e| Error::broker("open channel", e))?;
+        .map_err(|e| amqp_error("open channel", e))?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
-        .map_err(|e| Error::broker("confirm.select", e))?;
+        .map_err(|e| amqp_error("confirm.select", e))?;
     Ok(ch)
-}
-
-/// Makes confirm-mode channels on pooled connections.
-struct ChannelManager {
-    connections: deadpool_lapin::Pool,
-}
-
-impl managed::Manager for ChannelManager {
-    type Type = lapin::Channel;
-    type Error = Error;
-
-    async fn create(&self) -> Result<lapin::Channel> {
-        let conn = self
-            .connections
-            .get()
-            .await
-            .map_err(|e| Error::broker("connect", e))?;
-        confirm_channel(&conn).await
-    }
-
-    async fn recycle(
-        &self,
-        ch: &mut lapin::Channel,
-        _: &managed::Metrics,
-    ) -> managed::RecycleResult<Error> {
-        if ch.status().connected() {
-            Ok(())
-        } else {
-            Err(managed::RecycleError::message("channel closed"))
-        }
-    }
 }
 
 /// A RabbitMQ connection pool with the namespace's topology declared. Cheap to clone.
@@ -82,7 +53,7 @@ pub struct AmqpTransport {
 }
 
 struct Inner {
-    connections: deadpool_lapin::Pool,
+    connections: managed::Pool<ConnectionManager>,
     channels: managed::Pool<ChannelManager>,
     names: Names,
     retry_queues: Arc<Mutex<HashSet<String>>>,
@@ -98,6 +69,81 @@ fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), long("quorum"));
     args
+}
+
+/// How a private queue is bound.
+enum Bind {
+    /// To the exchange with this routing key.
+    Key(String, String),
+    /// To the exchange with the queue's own (server-given) name as key: reply queues.
+    OwnName(String),
+}
+
+/// A queue, the exchange it is bound to, and how.
+struct Binding {
+    queue: String,
+    exchange: String,
+    key: String,
+    args: FieldTable,
+    bind_args: FieldTable,
+}
+
+impl Binding {
+    /// A quorum queue bound with `key`.
+    fn new(queue: String, exchange: String, key: &str) -> Self {
+        Binding {
+            queue,
+            exchange,
+            key: key.to_string(),
+            args: quorum_args(),
+            bind_args: FieldTable::default(),
+        }
+    }
+}
+
+/// Checks that `name` exists without declaring it (needs no permission).
+async fn passive_exchange(ch: &lapin::Channel, name: &str, refused: &str) -> Result<()> {
+    ch.exchange_declare(
+        name.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| missing("exchange", name, refused, e))
+}
+
+/// Checks that queue `name` exists without declaring it (needs no permission).
+async fn passive_queue(ch: &lapin::Channel, name: &str, refused: &str) -> Result<()> {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| missing("queue", name, refused, e))
+}
+
+/// The error of a passive check: a missing object is named, with why it was not declared.
+fn missing(what: &str, name: &str, refused: &str, e: lapin::Error) -> Error {
+    const NOT_FOUND: u16 = 404;
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) if p.get_id() == NOT_FOUND => Error::Denied {
+            op: "declare",
+            reason: format!(
+                "{what} {name} does not exist and this user may not declare it ({refused}); load broker-config/definitions.json or connect once as an administrator"
+            ),
+        },
+        _ => amqp_error("check", e),
+    }
 }
 
 fn durable() -> QueueDeclareOptions {
@@ -193,16 +239,11 @@ impl AmqpTransport {
 
 impl Inner {
     async fn connect(url: &BrokerUrl, names: Names) -> Result<Self> {
-        let cfg = deadpool_lapin::Config {
-            url: Some(url.expose().to_string()),
-            pool: Some(deadpool_lapin::PoolConfig::new(4)),
-        };
-        let connections = cfg
-            .create_pool(
-                || lapin::ConnectionProperties::default().enable_auto_recover(),
-                deadpool_lapin::Runtime::Tokio1,
-            )
-            .map_err(|e| Error::Config(format!("RabbitMQ pool: {e}")))?;
+        let connections = managed::Pool::builder(ConnectionManager::new(url)?)
+            .max_size(CONNECTIONS)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Config(format!("connection pool: {e}")))?;
         let channels = managed::Pool::builder(ChannelManager {
             connections: connections.clone(),
         })
@@ -226,122 +267,119 @@ impl Inner {
             .connections
             .get()
             .await
-            .map_err(|e| Error::broker("connect", e))?;
+            .map_err(|e| pool_error("connect", e))?;
         conn.create_channel()
             .await
-            .map_err(|e| Error::broker("open channel", e))
+            .map_err(|e| amqp_error("open channel", e))
     }
 
-    async fn declare(&self) -> Result<()> {
+    /// The namespace's exchanges, and the shared queues with their bindings.
+    fn topology(&self) -> (Vec<(String, ExchangeKind, FieldTable)>, Vec<Binding>) {
         let n = &self.names;
-        let ch = self.channel().await?;
-        let ex = |name: String, kind: ExchangeKind, args: FieldTable| {
-            let ch = ch.clone();
-            async move {
+        let mut jobs_args = FieldTable::default();
+        jobs_args.insert("alternate-exchange".into(), long(&n.unrouted()));
+        let plain = FieldTable::default;
+        let exchanges = vec![
+            (n.unrouted(), ExchangeKind::Fanout, plain()),
+            (n.exchange("jobs"), ExchangeKind::Topic, jobs_args),
+            (n.exchange("results"), ExchangeKind::Topic, plain()),
+            (n.exchange("dead"), ExchangeKind::Topic, plain()),
+            (n.exchange("events"), ExchangeKind::Topic, plain()),
+            (n.exchange("control"), ExchangeKind::Fanout, plain()),
+            (n.exchange("replies"), ExchangeKind::Direct, plain()),
+            (n.exchange("retry"), ExchangeKind::Headers, plain()),
+        ];
+        let queues = vec![
+            Binding::new(n.unrouted(), n.unrouted(), ""),
+            Binding::new(n.results_queue(), n.exchange("results"), "#"),
+            Binding::new(n.dead_queue(), n.exchange("dead"), "#"),
+        ];
+        (exchanges, queues)
+    }
+
+    /// Declares the topology. A user without configure permissions (see `broker-config/`,
+    /// where an administrator's definitions declare it) gets it checked passively instead.
+    async fn declare(&self) -> Result<()> {
+        let (exchanges, queues) = self.topology();
+        let declared = async {
+            let ch = self.channel().await?;
+            for (name, kind, args) in &exchanges {
                 ch.exchange_declare(
                     name.as_str().into(),
-                    kind,
+                    kind.clone(),
                     ExchangeDeclareOptions {
                         durable: true,
                         ..Default::default()
                     },
-                    args,
+                    args.clone(),
                 )
                 .await
-                .map_err(|e| Error::broker("declare exchange", e))
+                .map_err(|e| amqp_error("declare exchange", e))?;
             }
-        };
-        let mut jobs_args = FieldTable::default();
-        jobs_args.insert("alternate-exchange".into(), long(&n.unrouted()));
-        ex(n.unrouted(), ExchangeKind::Fanout, FieldTable::default()).await?;
-        ex(n.exchange("jobs"), ExchangeKind::Topic, jobs_args).await?;
-        ex(
-            n.exchange("results"),
-            ExchangeKind::Topic,
-            FieldTable::default(),
-        )
-        .await?;
-        ex(
-            n.exchange("dead"),
-            ExchangeKind::Topic,
-            FieldTable::default(),
-        )
-        .await?;
-        ex(
-            n.exchange("events"),
-            ExchangeKind::Topic,
-            FieldTable::default(),
-        )
-        .await?;
-        ex(
-            n.exchange("control"),
-            ExchangeKind::Fanout,
-            FieldTable::default(),
-        )
-        .await?;
-        self.queue(&ch, &n.unrouted(), &n.unrouted(), "", quorum_args())
-            .await?;
-        self.queue(
-            &ch,
-            &n.results_queue(),
-            &n.exchange("results"),
-            "#",
-            quorum_args(),
-        )
-        .await?;
-        self.queue(
-            &ch,
-            &n.dead_queue(),
-            &n.exchange("dead"),
-            "#",
-            quorum_args(),
-        )
-        .await?;
-        let _ = ch.close(200, "declared".into()).await;
-        Ok(())
+            for b in &queues {
+                self.queue(&ch, b).await?;
+            }
+            let _ = ch.close(200, "declared".into()).await;
+            Ok(())
+        }
+        .await;
+        match declared {
+            Err(Error::Denied { reason, .. }) => {
+                let ch = self.channel().await?;
+                for (name, ..) in &exchanges {
+                    passive_exchange(&ch, name, &reason).await?;
+                }
+                for b in &queues {
+                    passive_queue(&ch, &b.queue, &reason).await?;
+                }
+                let _ = ch.close(200, "checked".into()).await;
+                Ok(())
+            }
+            other => other,
+        }
     }
 
-    async fn queue(
-        &self,
-        ch: &lapin::Channel,
-        queue: &str,
-        exchange: &str,
-        key: &str,
-        args: FieldTable,
-    ) -> Result<()> {
-        ch.queue_declare(queue.into(), durable(), args)
+    /// Declares a durable queue with `args` and binds it.
+    async fn queue(&self, ch: &lapin::Channel, b: &Binding) -> Result<()> {
+        ch.queue_declare(b.queue.as_str().into(), durable(), b.args.clone())
             .await
-            .map_err(|e| Error::broker("declare queue", e))?;
+            .map_err(|e| amqp_error("declare queue", e))?;
         ch.queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
+            b.queue.as_str().into(),
+            b.exchange.as_str().into(),
+            b.key.as_str().into(),
             QueueBindOptions::default(),
-            FieldTable::default(),
+            b.bind_args.clone(),
         )
         .await
-        .map_err(|e| Error::broker("bind queue", e))
+        .map_err(|e| amqp_error("bind queue", e))
     }
 
-    /// Declares `queue` bound to `exchange` with `key` on a channel of its own.
-    async fn declare_bound(
-        &self,
-        queue: &str,
-        exchange: &str,
-        key: &str,
-        args: FieldTable,
-    ) -> Result<()> {
+    /// Declares and binds a queue on a channel of its own; a user who may not do that gets
+    /// the queue checked passively instead (it must then exist already).
+    async fn declare_bound(&self, b: &Binding) -> Result<()> {
         let ch = self.channel().await?;
-        self.queue(&ch, queue, exchange, key, args).await?;
-        let _ = ch.close(200, "declared".into()).await;
-        Ok(())
+        match self.queue(&ch, b).await {
+            Ok(()) => {
+                let _ = ch.close(200, "declared".into()).await;
+                Ok(())
+            }
+            Err(Error::Denied { reason, .. }) => {
+                let ch = self.channel().await?;
+                passive_queue(&ch, &b.queue, &reason).await?;
+                let _ = ch.close(200, "checked".into()).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    /// Declares (once per process) the delay queue for `kind` and `delay_ms`.
-    async fn retry_queue(&self, kind: &str, delay_ms: u64) -> Result<String> {
-        let name = self.names.retry_queue(kind, delay_ms);
+    /// Declares (once per process) the delay queue of `delay_ms`: messages wait there for the
+    /// TTL, then dead-letter into `<ns>.jobs` under their routing key, which is their kind.
+    async fn retry_queue(&self, delay_ms: u64) -> Result<()> {
+        let name = self.names.retry_queue(delay_ms);
         if self.lock_retry().contains(&name) {
-            return Ok(name);
+            return Ok(());
         }
         let mut args = quorum_args();
         args.insert(
@@ -352,18 +390,22 @@ impl Inner {
             "x-dead-letter-exchange".into(),
             long(&self.names.exchange("jobs")),
         );
-        args.insert("x-dead-letter-routing-key".into(), long(kind));
         args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
         args.insert("x-overflow".into(), long("reject-publish"));
-        let ch = self.channel().await?;
-        ch.queue_declare(name.as_str().into(), durable(), args)
-            .await
-            .map_err(|e| Error::broker("declare retry queue", e))?;
-        let _ = ch.close(200, "declared".into()).await;
-        self.lock_retry().insert(name.clone());
-        Ok(name)
+        let mut bind_args = FieldTable::default();
+        bind_args.insert("x-match".into(), long("all"));
+        bind_args.insert(header::RETRY_DELAY_MS.into(), long(&delay_ms.to_string()));
+        let binding = Binding {
+            queue: name.clone(),
+            exchange: self.names.exchange("retry"),
+            key: String::new(),
+            args,
+            bind_args,
+        };
+        self.declare_bound(&binding).await?;
+        self.lock_retry().insert(name);
+        Ok(())
     }
-
     fn lock_retry(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.retry_queues.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -380,7 +422,7 @@ impl Inner {
             .channels
             .get()
             .await
-            .map_err(|e| Error::broker("channel pool", PoolError(e.to_string())))?;
+            .map_err(|e| pool_error("channel pool", e))?;
         let confirm = ch
             .basic_publish(
                 exchange.into(),
@@ -420,12 +462,9 @@ impl Inner {
         Ok(())
     }
 
-    /// A server-named exclusive queue, bound to `(exchange, key)` when given, consumed without
-    /// acks (replies and broadcasts are at most once). Returns its name and what arrives.
-    async fn private_queue(
-        &self,
-        bind: Option<(String, String)>,
-    ) -> Result<(String, MessageStream)> {
+    /// A server-named exclusive queue, bound as `bind` says, consumed without acks (replies and
+    /// broadcasts are at most once). Returns its name and what arrives.
+    async fn private_queue(&self, bind: Bind) -> Result<(String, MessageStream)> {
         let ch = self.channel().await?;
         let q = ch
             .queue_declare(
@@ -438,19 +477,21 @@ impl Inner {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| Error::broker("declare private queue", e))?;
+            .map_err(|e| amqp_error("declare private queue", e))?;
         let name = q.name().as_str().to_string();
-        if let Some((exchange, key)) = bind {
-            ch.queue_bind(
-                name.as_str().into(),
-                exchange.as_str().into(),
-                key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::broker("bind private queue", e))?;
-        }
+        let (exchange, key) = match bind {
+            Bind::Key(exchange, key) => (exchange, key),
+            Bind::OwnName(exchange) => (exchange, name.clone()),
+        };
+        ch.queue_bind(
+            name.as_str().into(),
+            exchange.as_str().into(),
+            key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error("bind private queue", e))?;
         let consumer = ch
             .basic_consume(
                 name.as_str().into(),
@@ -463,7 +504,7 @@ impl Inner {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| Error::broker("basic.consume", e))?;
+            .map_err(|e| amqp_error("basic.consume", e))?;
         let stream = consumer
             .filter_map(move |d| {
                 let _keep_channel_open = &ch;
@@ -486,7 +527,7 @@ impl Inner {
         if !no_ack {
             ch.basic_qos(opts.prefetch.max(1), BasicQosOptions::default())
                 .await
-                .map_err(|e| Error::broker("basic.qos", e))?;
+                .map_err(|e| amqp_error("basic.qos", e))?;
         }
         let consumer = ch
             .basic_consume(
@@ -499,7 +540,7 @@ impl Inner {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| Error::broker("basic.consume", e))?;
+            .map_err(|e| amqp_error("basic.consume", e))?;
         self.consumer_channels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -507,10 +548,6 @@ impl Inner {
         Ok((ch, consumer))
     }
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct PoolError(String);
 
 /// Kind of a delivered job: its routing key (jobs from delay queues keep the original key).
 fn kind_of(d: &lapin::message::Delivery) -> String {
@@ -545,11 +582,14 @@ impl Acker for AmqpAcker {
             .map(drop)
             .map_err(|e| Error::broker("nack", e))
     }
-    async fn retry(self: Box<Self>, next: Message, delay: Duration) -> Result<()> {
+    async fn retry(self: Box<Self>, mut next: Message, delay: Duration) -> Result<()> {
         // Round up to a power of two of milliseconds so a handful of delay queues serve all waits.
         let ms = (delay.as_millis().clamp(1, 1 << 31) as u64).next_power_of_two();
-        let queue = self.transport.retry_queue(&self.kind, ms).await?;
-        self.transport.publish_raw("", &queue, true, &next).await?;
+        self.transport.retry_queue(ms).await?;
+        next.headers.insert(header::RETRY_DELAY_MS, ms.to_string());
+        let t = &self.transport;
+        t.publish_raw(&t.names.exchange("retry"), &self.kind, true, &next)
+            .await?;
         self.ack().await
     }
     async fn progress(&self) -> Result<()> {
@@ -576,7 +616,7 @@ impl Transport for AmqpTransport {
                     .await
             }
             Route::Dead(kind) => t.publish_raw(&n.exchange("dead"), kind, true, &msg).await,
-            Route::Reply(to) => t.publish_raw("", to, false, &msg).await,
+            Route::Reply(to) => t.publish_raw(&n.exchange("replies"), to, false, &msg).await,
         }
     }
 
@@ -586,7 +626,7 @@ impl Transport for AmqpTransport {
         let queue = match &source {
             Source::Kind(kind) => {
                 let queue = n.job_queue(kind);
-                t.declare_bound(&queue, &n.exchange("jobs"), kind, quorum_args())
+                t.declare_bound(&Binding::new(queue.clone(), n.exchange("jobs"), kind))
                     .await?;
                 queue
             }
@@ -599,11 +639,13 @@ impl Transport for AmqpTransport {
                     _ => ("dead", n.dead_queue()),
                 };
                 let q = format!("{base}.{group}");
-                let mut args = quorum_args();
+                let mut binding = Binding::new(q.clone(), n.exchange(class), "#");
                 if opts.ephemeral {
-                    args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+                    binding
+                        .args
+                        .insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
                 }
-                t.declare_bound(&q, &n.exchange(class), "#", args).await?;
+                t.declare_bound(&binding).await?;
                 q
             }
         };
@@ -635,7 +677,8 @@ impl Transport for AmqpTransport {
     }
 
     async fn reply_inbox(&self) -> Result<(String, MessageStream)> {
-        self.inner.private_queue(None).await
+        let replies = self.inner.names.exchange("replies");
+        self.inner.private_queue(Bind::OwnName(replies)).await
     }
 
     async fn broadcast(&self, topic: &str, msg: Message) -> Result<()> {
@@ -646,11 +689,11 @@ impl Transport for AmqpTransport {
 
     async fn listen(&self, pattern: &str) -> Result<MessageStream> {
         // NATS wildcards to AMQP ones: `>` (the rest) is `#`; `*` is the same.
-        let bind = (
+        let bind = Bind::Key(
             self.inner.names.exchange("events"),
             pattern.replace('>', "#"),
         );
-        Ok(self.inner.private_queue(Some(bind)).await?.1)
+        Ok(self.inner.private_queue(bind).await?.1)
     }
 
     async fn delete_namespace(&self, kinds: &[String]) -> Result<()> {
@@ -658,30 +701,30 @@ impl Transport for AmqpTransport {
         let n = &self.inner.names;
         let ch = self.inner.channel().await?;
         let mut queues = vec![n.unrouted(), n.results_queue(), n.dead_queue()];
-        for kind in kinds {
-            queues.push(n.job_queue(kind));
-            // Every delay a retry can have been rounded to (see `AmqpAcker::retry`).
-            queues.extend((0..=31).map(|p| n.retry_queue(kind, 1u64 << p)));
-        }
+        queues.extend(kinds.iter().map(|kind| n.job_queue(kind)));
+        // Every delay a retry can have been rounded to (see `AmqpAcker::retry`).
+        queues.extend((0..=31).map(|p| n.retry_queue(1u64 << p)));
         for q in queues {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await
-                .map_err(|e| Error::broker("delete queue", e))?;
+                .map_err(|e| amqp_error("delete queue", e))?;
         }
-        for class in ["jobs", "results", "dead", "events", "control"] {
+        for class in [
+            "jobs", "results", "dead", "events", "control", "replies", "retry",
+        ] {
             ch.exchange_delete(
                 n.exchange(class).as_str().into(),
                 ExchangeDeleteOptions::default(),
             )
             .await
-            .map_err(|e| Error::broker("delete exchange", e))?;
+            .map_err(|e| amqp_error("delete exchange", e))?;
         }
         ch.exchange_delete(
             n.unrouted().as_str().into(),
             ExchangeDeleteOptions::default(),
         )
         .await
-        .map_err(|e| Error::broker("delete exchange", e))?;
+        .map_err(|e| amqp_error("delete exchange", e))?;
         self.inner.lock_retry().clear();
         let _ = ch.close(200, "namespace deleted".into()).await;
         Ok(())
@@ -708,4 +751,7 @@ impl Transport for AmqpTransport {
         Ok(())
     }
 }
+mod pool;
 pub mod raw;
+
+use pool::{amqp_error, pool_error, ChannelManager, ConnectionManager};

@@ -77,16 +77,45 @@ pub(crate) async fn connect_client(url: &BrokerUrl, name: String) -> Result<asyn
     let _ = address.set_password(None);
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
-        .connection_timeout(Duration::from_secs(5));
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                // A permissions violation only comes back this way: the refused message or
+                // request is dropped by the server, and the caller sees a time-out.
+                async_nats::Event::ServerError(e) => {
+                    tracing::warn!(error = %e, "the NATS server refused an operation")
+                }
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                other => tracing::debug!(event = %other, "NATS connection event"),
+            }
+        });
     match (user.is_empty(), password) {
         (false, Some(password)) => options = options.user_and_password(user, password),
         (false, None) => options = options.token(user),
         _ => {}
     }
-    options
-        .connect(address.as_str())
-        .await
-        .map_err(|e| Error::broker("connect", e))
+    if let Some(ca) = url.ca_file() {
+        options = options.add_root_certificates(ca.to_path_buf());
+    }
+    if url.is_tls() {
+        options = options.require_tls(true);
+    }
+    if let Some(creds) = url.credentials_file() {
+        options = options.credentials_file(creds).await.map_err(|e| {
+            Error::Config(format!("NATS credentials file {}: {e}", creds.display()))
+        })?;
+    }
+    options.connect(address.as_str()).await.map_err(|e| {
+        use async_nats::ConnectErrorKind as K;
+        match e.kind() {
+            K::AuthorizationViolation | K::Authentication => Error::Denied {
+                op: "connect",
+                reason: e.to_string(),
+            },
+            _ => Error::broker("connect", e),
+        }
+    })
 }
 
 impl NatsTransport {
