@@ -205,6 +205,19 @@ impl Names {
     }
 }
 
+/// The delays, in milliseconds, that AMQP retries wait for: powers of two from 64 ms to about
+/// 25 days, one delay queue each (`broker-config/definitions.json` declares them all).
+pub fn retry_delays_ms() -> impl Iterator<Item = u64> {
+    (6..=31).map(|p| 1u64 << p)
+}
+
+/// The retry delay a wait of `delay` is served by: the next power of two within
+/// [`retry_delays_ms`].
+pub fn retry_delay_ms(delay: std::time::Duration) -> u64 {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    ms.clamp(1 << 6, 1 << 31).next_power_of_two()
+}
+
 /// A JetStream consumer name for a kind's shared worker consumer (no dots allowed there).
 pub fn consumer_name_for_kind(kind: &str) -> String {
     // '.' is not allowed in consumer names; '=' is not allowed in kinds, so this is one-to-one.
@@ -214,6 +227,18 @@ pub fn consumer_name_for_kind(kind: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_delays_round_up_within_range() {
+        use std::time::Duration;
+        assert_eq!(retry_delay_ms(Duration::ZERO), 64);
+        assert_eq!(retry_delay_ms(Duration::from_millis(200)), 256);
+        assert_eq!(retry_delay_ms(Duration::from_millis(256)), 256);
+        assert_eq!(retry_delay_ms(Duration::from_secs(86_400 * 365)), 1 << 31);
+        let all: Vec<u64> = retry_delays_ms().collect();
+        assert_eq!(all.len(), 26);
+        assert!(all.contains(&retry_delay_ms(Duration::from_millis(5_000))));
+    }
 
     #[test]
     fn kinds() {

@@ -235,6 +235,16 @@ impl AmqpTransport {
             inner: Arc::new(inner),
         })
     }
+
+    /// Declares every retry delay queue now rather than on first use: an administrator's
+    /// set-up, for brokers whose workers may not declare queues (what
+    /// `broker-config/definitions.json` does too). Fails if one exists with other arguments.
+    pub async fn declare_retry_queues(&self) -> Result<()> {
+        for ms in crate::protocol::retry_delays_ms() {
+            self.inner.retry_queue(ms).await?;
+        }
+        Ok(())
+    }
 }
 
 impl Inner {
@@ -583,8 +593,8 @@ impl Acker for AmqpAcker {
             .map_err(|e| Error::broker("nack", e))
     }
     async fn retry(self: Box<Self>, mut next: Message, delay: Duration) -> Result<()> {
-        // Round up to a power of two of milliseconds so a handful of delay queues serve all waits.
-        let ms = (delay.as_millis().clamp(1, 1 << 31) as u64).next_power_of_two();
+        // Rounded up to a power of two of milliseconds: a handful of delay queues serve all waits.
+        let ms = crate::protocol::retry_delay_ms(delay);
         self.transport.retry_queue(ms).await?;
         next.headers.insert(header::RETRY_DELAY_MS, ms.to_string());
         let t = &self.transport;
@@ -703,7 +713,7 @@ impl Transport for AmqpTransport {
         let mut queues = vec![n.unrouted(), n.results_queue(), n.dead_queue()];
         queues.extend(kinds.iter().map(|kind| n.job_queue(kind)));
         // Every delay a retry can have been rounded to (see `AmqpAcker::retry`).
-        queues.extend((0..=31).map(|p| n.retry_queue(1u64 << p)));
+        queues.extend(crate::protocol::retry_delays_ms().map(|ms| n.retry_queue(ms)));
         for q in queues {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await
