@@ -107,6 +107,44 @@ fn round_trip_without_leaks(url: &str, wrong_url: &str, ns: &str, dir: &Path) {
         ],
         30,
     );
+    // The supervisor, both ways: a local stack (the URL passed on to children in their
+    // environment), and a worker command line that carries the URL.
+    let up_http = format!("127.0.0.1:{}", free_port());
+    let up_store = dir.join("up-store").to_string_lossy().into_owned();
+    let up = run(
+        "conveyor-supervisor",
+        &[
+            "up",
+            "--broker",
+            url,
+            "--namespace",
+            ns,
+            "--workers",
+            "1",
+            "--store",
+            &up_store,
+            "--http",
+            &up_http,
+        ],
+        8,
+    );
+    let worker_bin = common::bin("conveyor-worker")
+        .to_string_lossy()
+        .into_owned();
+    let supervised = run(
+        "conveyor-supervisor",
+        &[
+            "--workers",
+            "1",
+            "--",
+            &worker_bin,
+            "--broker",
+            url,
+            "--namespace",
+            ns,
+        ],
+        6,
+    );
     for child in [&mut worker, &mut aggregator] {
         let _ = Command::new("kill")
             .arg("-TERM")
@@ -158,7 +196,19 @@ fn round_trip_without_leaks(url: &str, wrong_url: &str, ns: &str, dir: &Path) {
         "the error says why: {wrong_text}"
     );
     assert!(deleted.status.success(), "{}", text(&deleted));
-    let all: Vec<String> = [&producer, &bench, &wrong, &deleted]
+    for (out, children) in [
+        (&up, &["[aggregator]", "[worker-0]"][..]),
+        (&supervised, &["[worker-0]"][..]),
+    ] {
+        for child in children {
+            assert!(
+                text(out).contains(child),
+                "the supervisor relayed {child}:\n{}",
+                text(out)
+            );
+        }
+    }
+    let all: Vec<String> = [&producer, &bench, &wrong, &deleted, &up, &supervised]
         .iter()
         .map(|o| text(o))
         .chain(services)
@@ -239,4 +289,131 @@ async fn amqp_passwords_stay_secret() {
         tokio::task::spawn_blocking(move || round_trip_without_leaks(&url, &wrong, &ns, &d)).await;
     ctl(&["delete_user", &user]);
     outcome.expect("round trip");
+}
+
+/// Runs `openssl` in `dir`, failing the test with its output when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl is installed");
+    assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+}
+
+/// A private CA and a server certificate for 127.0.0.1 signed by it.
+fn private_ca(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]);
+    ca.extend(["-subj", "/CN=Conveyor test CA"]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    csr.extend(["-subj", "/CN=127.0.0.1"]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("san");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_tls_with_a_private_ca() {
+    common::ensure_up(Broker::Nats);
+    let dir = tempfile::tempdir().expect("tempdir");
+    private_ca(dir.path());
+    let port = free_port();
+    let mut nats = Command::new("nats-server")
+        .current_dir(dir.path())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"])
+        .args(["--user", "conv", "--pass", PASSWORD])
+        .args(["--tls", "--tlscert", "server.pem", "--tlskey", "server.key"])
+        .arg("-sd")
+        .arg(dir.path().join("js"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server is installed");
+    wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(10)).await;
+    let url = format!("tls://conv:{PASSWORD_IN_URL}@127.0.0.1:{port}");
+    let ca = dir.path().join("ca.pem").to_string_lossy().into_owned();
+    let ns = unique_ns("tls");
+    let d = dir.path().to_path_buf();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut worker = Command::new(common::bin("conveyor-worker"))
+            .args(["--broker", &url, "--namespace", &ns, "--tls-ca", &ca])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("worker.err")).expect("log"))
+            .spawn()
+            .expect("worker");
+        let publish = |extra: &[&str]| {
+            let mut args = vec!["--broker", &url, "--namespace", &ns];
+            args.extend(extra);
+            args.extend([
+                "--connect-timeout",
+                "2s",
+                "publish",
+                "echo",
+                "--payload",
+                r#"{"over":"tls"}"#,
+                "--wait",
+                "--wait-timeout",
+                "20s",
+            ]);
+            run("conveyor-producer", &args, 40)
+        };
+        let trusted = publish(&["--tls-ca", &ca]);
+        let untrusted = publish(&[]);
+        let _ = Command::new("kill")
+            .args(["-TERM", &worker.id().to_string()])
+            .status();
+        let _ = worker.wait();
+        let worker_log = std::fs::read_to_string(d.join("worker.err")).unwrap_or_default();
+        assert!(
+            trusted.status.success() && text(&trusted).contains("\"status\":\"succeeded\""),
+            "round trip over TLS with the private CA:\n{}\nworker:\n{worker_log}",
+            text(&trusted)
+        );
+        assert_eq!(untrusted.status.code(), Some(2), "{}", text(&untrusted));
+        let why = text(&untrusted).to_lowercase();
+        assert!(
+            why.contains("certificate") || why.contains("issuer") || why.contains("tls"),
+            "an untrusted server certificate is named as the reason: {why}"
+        );
+        println!("without the CA: {}", text(&untrusted).trim());
+    })
+    .await;
+    let _ = nats.kill();
+    let _ = nats.wait();
+    outcome.expect("TLS round trip");
 }
