@@ -3,15 +3,13 @@
 
 mod common;
 
-use common::{free_port, http_get, unique_ns, wait_for_results, wait_listening, Broker, Proc};
-use conveyor::{Client, JobSpec};
+use common::cluster::{assert_all_recorded, publish_all, Cluster, WAIT};
+use common::{http_get, wait_for_results, wait_listening, Broker, Proc};
+use conveyor::JobSpec;
 use serde_json::json;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 both_brokers!(
     killed_worker_loses_no_job,
@@ -23,130 +21,6 @@ both_brokers!(
     supervisor_up_runs_a_local_stack,
     heartbeats_report_live_and_gone_workers,
 );
-
-struct Cluster {
-    broker: Broker,
-    url: String,
-    ns: String,
-    dir: tempfile::TempDir,
-    http: SocketAddr,
-}
-
-impl Cluster {
-    fn new(broker: Broker) -> Cluster {
-        let url = broker.url().expose().to_string();
-        Cluster {
-            broker,
-            url,
-            ns: unique_ns("p"),
-            dir: tempfile::tempdir().expect("tempdir"),
-            http: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
-        }
-    }
-
-    fn logs(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn worker(&self, name: &str, extra: &[&str]) -> Proc {
-        let mut args = vec![
-            "--broker",
-            &self.url,
-            "--namespace",
-            &self.ns,
-            "--lease",
-            "2s",
-            "--retry-base",
-            "20ms",
-            "--drain-timeout",
-            "10s",
-        ];
-        args.extend_from_slice(extra);
-        Proc::spawn(name, "conveyor-worker", &args, self.logs())
-    }
-
-    async fn aggregator(&self, name: &str) -> Proc {
-        let store = self.dir.path().join("store");
-        let http = self.http.to_string();
-        let p = Proc::spawn(
-            name,
-            "conveyor-aggregator",
-            &[
-                "--broker",
-                &self.url,
-                "--namespace",
-                &self.ns,
-                "--store",
-                store.to_str().expect("utf-8 path"),
-                "--http",
-                &http,
-            ],
-            self.logs(),
-        );
-        wait_listening(&http, Duration::from_secs(20)).await;
-        p
-    }
-
-    async fn client(&self) -> Client {
-        let url = conveyor::BrokerUrl::parse(&self.url).expect("url");
-        Client::connect(&url, &self.ns).await.expect("client")
-    }
-
-    fn producer(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
-        use std::io::Write;
-        let mut cmd = Command::new(common::bin("conveyor-producer"));
-        cmd.args(["--broker", &self.url, "--namespace", &self.ns])
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .stdin(std::process::Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn producer");
-        if let Some(mut input) = child.stdin.take() {
-            if let Some(text) = stdin {
-                input.write_all(text.as_bytes()).expect("stdin");
-            }
-        }
-        child.wait_with_output().expect("producer output")
-    }
-}
-
-fn builtin_kinds() -> Vec<String> {
-    conveyor::worker::builtin::registry().kinds()
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        common::delete_namespace(self.broker, &self.ns, &builtin_kinds());
-    }
-}
-
-async fn publish_all(client: &Client, specs: Vec<JobSpec>) -> Vec<String> {
-    client
-        .publish_many(specs, 128, |_| {})
-        .await
-        .into_iter()
-        .map(|r| r.expect("publish confirmed"))
-        .collect()
-}
-
-/// Waits until every id in `ids` is recorded with `status` (other jobs may be recorded too).
-async fn assert_all_recorded(http: SocketAddr, ids: &[String], status: &str) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    for id in ids {
-        loop {
-            let (code, rec) = http_get(http, &format!("/jobs/{id}")).await;
-            if code == 200 {
-                assert_eq!(rec["status"], json!(status), "job {id}: {rec}");
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "job {id} not recorded in time"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
 
 async fn killed_worker_loses_no_job(broker: Broker) {
     let c = Cluster::new(broker);

@@ -63,6 +63,10 @@ impl Child {
         let mut child = tokio::process::Command::new(&spec.program)
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .env(
+                crate::shutdown::SUPERVISOR_PID_ENV,
+                std::process::id().to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,6 +1,8 @@
 //! Shared test harness: real brokers, unique namespaces, in-process stacks and real processes.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use conveyor::aggregator::{self, AggregatorConfig};
 use conveyor::transport::{self, ConsumeOptions, Source, Transport};
 use conveyor::worker::{self, backoff::Backoff, builtin, WorkerConfig};
