@@ -164,3 +164,90 @@ fn refuses_a_bad_backoff() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--restart-backoff"));
 }
+
+mod events {
+    use super::common::{self, unique_ns, Broker};
+    use futures::StreamExt;
+    use std::time::Duration;
+
+    crate::both_brokers!(supervisor_events_reach_the_broker);
+
+    /// With `--broker`, child starts, exits and restarts, and the final give-up, are published
+    /// as events of kind `supervisor`, which any listener receives.
+    async fn supervisor_events_reach_the_broker(broker: Broker) {
+        let url = broker.url();
+        let ns = unique_ns("sev");
+        let listener = conveyor::transport::connect(&url, &ns)
+            .await
+            .expect("listener connects");
+        let mut events = listener
+            .listen_events("supervisor.>")
+            .await
+            .expect("listen");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("sup.log");
+        let mut sup = super::supervisor(
+            &[
+                "--broker",
+                url.expose(),
+                "--namespace",
+                &ns,
+                "--workers",
+                "1",
+                "--restart-backoff",
+                "50ms..100ms",
+                "--max-restarts",
+                "2",
+                "--within",
+                "30s",
+                "--",
+                "sh",
+                "-c",
+                "sleep 0.3; exit 3",
+            ],
+            &log,
+        );
+        let mut seen: Vec<serde_json::Value> = Vec::new();
+        let collected = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(msg) = events.next().await {
+                let v: serde_json::Value = serde_json::from_slice(&msg.body).expect("json event");
+                let last = v["event"] == "gave-up";
+                seen.push(v);
+                if last {
+                    break;
+                }
+            }
+        })
+        .await;
+        let status = tokio::task::spawn_blocking(move || {
+            super::wait_exit(&mut sup, Duration::from_secs(20), "supervisor to give up")
+        })
+        .await
+        .expect("wait");
+        let names: Vec<&str> = seen.iter().filter_map(|v| v["event"].as_str()).collect();
+        assert!(
+            collected.is_ok(),
+            "{broker:?}: no gave-up event; got {names:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert_eq!(status.code(), Some(1));
+        let count = |e: &str| names.iter().filter(|n| **n == e).count();
+        assert_eq!(count("child-started"), 1, "{names:?}");
+        assert_eq!(count("child-exited"), 3, "{names:?}");
+        assert_eq!(count("child-restarted"), 2, "{names:?}");
+        let exited = seen
+            .iter()
+            .find(|v| v["event"] == "child-exited")
+            .expect("an exit");
+        assert_eq!(exited["child"], "worker-0");
+        assert!(exited["pid"].as_u64().unwrap_or(0) > 0);
+        assert!(
+            exited["detail"].as_str().unwrap_or("").contains('3'),
+            "{exited}"
+        );
+        println!("{broker:?}: supervisor events {names:?}");
+        drop(events);
+        let _ = listener.close().await;
+        common::delete_namespace(broker, &ns, &[]);
+    }
+}

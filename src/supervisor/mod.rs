@@ -8,9 +8,11 @@
 //! passed through line by line with a `[name] ` prefix.
 
 mod child;
+pub mod events;
 mod intensity;
 
 use child::{Child, Exit};
+pub use events::{EventSender, SupervisorEvent};
 pub use intensity::Intensity;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -45,6 +47,8 @@ pub struct SupervisorConfig {
     pub within: Duration,
     /// How long children get to exit after SIGTERM before they are killed.
     pub drain_timeout: Duration,
+    /// Where to send lifecycle events besides the log (see [`events::publish`]).
+    pub events: Option<EventSender>,
 }
 
 /// Why the supervisor stopped with an error.
@@ -109,8 +113,15 @@ pub async fn run(
     let mut failures: Vec<u32> = vec![0; config.children.len()];
     let mut intensity = Intensity::new(config.max_restarts, config.within);
     let mut report = SupervisorReport::default();
+    let emit = |event: SupervisorEvent| {
+        if let Some(events) = &config.events {
+            let _ = events.send(event);
+        }
+    };
     for (i, spec) in config.children.iter().enumerate() {
-        running.insert(i, start(spec, i, &tx)?);
+        let child = start(spec, i, &tx)?;
+        emit(SupervisorEvent::new("child-started").child(&spec.name, child.pid()));
+        running.insert(i, child);
     }
     let outcome = loop {
         let event = tokio::select! {
@@ -124,6 +135,11 @@ pub async fn run(
                 };
                 let name = &config.children[i].name;
                 tracing::warn!(child = %name, pid = child.pid(), exit = %exit, ran = ?child.uptime(), "child exited");
+                emit(
+                    SupervisorEvent::new("child-exited")
+                        .child(name, child.pid())
+                        .detail(&exit),
+                );
                 if child.uptime() >= config.backoff_max {
                     failures[i] = 0;
                 }
@@ -150,6 +166,9 @@ pub async fn run(
                     Ok(child) => {
                         report.restarts += 1;
                         tracing::info!(child = %spec.name, pid = child.pid(), "child restarted");
+                        emit(
+                            SupervisorEvent::new("child-restarted").child(&spec.name, child.pid()),
+                        );
                         running.insert(i, child);
                     }
                     Err(e) => break Err(e),
@@ -158,6 +177,12 @@ pub async fn run(
             None => break Ok(()),
         }
     };
+    match &outcome {
+        Err(e) => emit(SupervisorEvent::new("gave-up").detail(e)),
+        Ok(()) => {
+            emit(SupervisorEvent::new("stopped").detail(format!("{} restarts", report.restarts)))
+        }
+    }
     stop_all(running, config.drain_timeout).await;
     outcome.map(|()| report)
 }

@@ -186,6 +186,15 @@ pub trait Transport: Send + Sync + 'static {
     /// the rest, as in NATS subjects).
     async fn listen(&self, pattern: &str) -> Result<MessageStream>;
 
+    /// Publishes a lifecycle event at most once (DESIGN: NATS subject
+    /// `<ns>.events.<kind>.<state>`, RabbitMQ exchange `<ns>.events` with routing key
+    /// `<kind>.<state>`). Not confirmed, not stored.
+    async fn emit_event(&self, kind: &str, state: &str, msg: Message) -> Result<()>;
+
+    /// Receives the events whose `<kind>.<state>` matches `pattern` (`supervisor.>`, `*.dead`)
+    /// from now on.
+    async fn listen_events(&self, pattern: &str) -> Result<MessageStream>;
+
     /// Settles everything in flight and closes the connection cleanly.
     async fn close(&self) -> Result<()>;
 

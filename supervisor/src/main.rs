@@ -31,6 +31,16 @@ struct Cli {
     /// Copies of COMMAND to run.
     #[arg(long, env = "CONVEYOR_WORKERS", default_value_t = 1)]
     workers: usize,
+    /// Also publish lifecycle events on this broker (kind `supervisor`); without it they are
+    /// only logged.
+    #[arg(long = "broker", env = "CONVEYOR_BROKER", hide_env_values = true)]
+    events_broker: Option<conveyor::BrokerUrl>,
+    /// Namespace of the events.
+    #[arg(long, env = "CONVEYOR_NAMESPACE", default_value = "conveyor")]
+    namespace: String,
+    /// Extra CA certificates (PEM) for a tls:// or amqps:// events broker.
+    #[arg(long, env = "CONVEYOR_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
     /// The command to supervise, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND ARGS")]
     command: Vec<String>,
@@ -98,6 +108,7 @@ fn config(policy: &Policy, children: Vec<ChildSpec>) -> SupervisorConfig {
         max_restarts: policy.max_restarts,
         within: policy.within,
         drain_timeout: policy.drain_timeout,
+        events: None,
     }
 }
 
@@ -181,15 +192,35 @@ async fn main() -> ExitCode {
             ))
         }
     };
-    let config = match built {
+    let mut config = match built {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::from(2);
         }
     };
+    let events_to = match &cli.up {
+        Some(Up::Up(up)) => Some((up.broker.url(), up.broker.namespace.clone())),
+        None => cli.events_broker.clone().map(|url| {
+            let url = match &cli.tls_ca {
+                Some(ca) => url.with_ca_file(ca),
+                None => url,
+            };
+            (url, cli.namespace.clone())
+        }),
+    };
+    let publisher = events_to.map(|(url, namespace)| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        config.events = Some(tx);
+        tokio::spawn(supervisor::events::publish(url, namespace, rx))
+    });
     let (shutdown, _force) = conveyor::shutdown::on_signals();
-    match supervisor::run(config, shutdown).await {
+    let outcome = supervisor::run(config, shutdown).await;
+    // The last events (stopped, gave-up) go out before the process ends, if the broker is there.
+    if let Some(publisher) = publisher {
+        let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
+    }
+    match outcome {
         Ok(report) => {
             tracing::info!(restarts = report.restarts, "supervisor stopped");
             ExitCode::SUCCESS

@@ -706,6 +706,14 @@ impl Transport for AmqpTransport {
         Ok(self.inner.private_queue(bind).await?.1)
     }
 
+    async fn emit_event(&self, kind: &str, state: &str, msg: Message) -> Result<()> {
+        self.broadcast(&format!("{kind}.{state}"), msg).await
+    }
+
+    async fn listen_events(&self, pattern: &str) -> Result<MessageStream> {
+        self.listen(pattern).await
+    }
+
     async fn delete_namespace(&self, kinds: &[String]) -> Result<()> {
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
         let n = &self.inner.names;

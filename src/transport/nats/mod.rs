@@ -449,6 +449,14 @@ impl Transport for NatsTransport {
             .boxed())
     }
 
+    async fn emit_event(&self, kind: &str, state: &str, msg: Message) -> Result<()> {
+        self.broadcast(&format!("events.{kind}.{state}"), msg).await
+    }
+
+    async fn listen_events(&self, pattern: &str) -> Result<MessageStream> {
+        self.listen(&format!("events.{pattern}")).await
+    }
+
     async fn delete_namespace(&self, _kinds: &[String]) -> Result<()> {
         for class in ["jobs", "results", "dead"] {
             let name = self.names.stream(class);
