@@ -27,6 +27,20 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The longest a broker operation may take. lapin futures on a connection that died mid-way
+/// may never resolve, so every operation that a process waits on is bounded.
+const OP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `fut`, failing with [`Error::Timeout`] after [`OP_TIMEOUT`].
+async fn bounded<T>(
+    op: &'static str,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(OP_TIMEOUT, fut)
+        .await
+        .unwrap_or(Err(Error::Timeout(OP_TIMEOUT, op)))
+}
+
 /// Connections kept open to the broker.
 const CONNECTIONS: usize = 4;
 /// Channels kept for publishing.
@@ -268,7 +282,7 @@ impl Inner {
             retry_queues: Arc::default(),
             consumer_channels: Mutex::default(),
         };
-        t.declare().await?;
+        bounded("declare", t.declare()).await?;
         Ok(t)
     }
 
@@ -433,18 +447,19 @@ impl Inner {
             .get()
             .await
             .map_err(|e| pool_error("channel pool", e))?;
-        let confirm = ch
-            .basic_publish(
-                exchange.into(),
-                key.into(),
-                BasicPublishOptions {
-                    mandatory,
-                    ..Default::default()
-                },
-                &msg.body,
-                to_amqp(&msg.headers),
-            )
+        let publish = ch.basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory,
+                ..Default::default()
+            },
+            &msg.body,
+            to_amqp(&msg.headers),
+        );
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
             .await
+            .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "publish"))?
             .map_err(|e| Error::NotConfirmed {
                 target: target.clone(),
                 reason: e.to_string(),
@@ -527,6 +542,42 @@ impl Inner {
         Ok((name, stream))
     }
 
+    /// Declares what `source` reads from and starts consuming it with `opts`' prefetch.
+    async fn open_consumer(
+        &self,
+        source: &Source,
+        opts: ConsumeOptions,
+    ) -> Result<(lapin::Channel, lapin::Consumer)> {
+        let n = &self.names;
+        let queue = match source {
+            Source::Kind(kind) => {
+                let queue = n.job_queue(kind);
+                self.declare_bound(&Binding::new(queue.clone(), n.exchange("jobs"), kind))
+                    .await?;
+                queue
+            }
+            Source::Unrouted(_) => n.unrouted(),
+            Source::Results(group) if group == "aggregator" => n.results_queue(),
+            Source::Dead(group) if group == "dead" => n.dead_queue(),
+            Source::Results(group) | Source::Dead(group) => {
+                let (class, base) = match source {
+                    Source::Results(_) => ("results", n.results_queue()),
+                    _ => ("dead", n.dead_queue()),
+                };
+                let q = format!("{base}.{group}");
+                let mut binding = Binding::new(q.clone(), n.exchange(class), "#");
+                if opts.ephemeral {
+                    binding
+                        .args
+                        .insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+                }
+                self.declare_bound(&binding).await?;
+                q
+            }
+        };
+        self.consume_queue(queue, opts, false).await
+    }
+
     async fn consume_queue(
         &self,
         queue: String,
@@ -559,6 +610,66 @@ impl Inner {
     }
 }
 
+/// A consumer that comes back: when its channel or connection is lost (a broker restart), it
+/// opens a new one, declares again and re-applies the prefetch, retrying with backoff. Deliveries
+/// that were not acked on the lost channel are redelivered by the broker.
+struct Resubscribing {
+    inner: Arc<Inner>,
+    source: Source,
+    opts: ConsumeOptions,
+    cumulative: bool,
+    current: Option<(lapin::Channel, lapin::Consumer)>,
+}
+
+impl Resubscribing {
+    async fn next(&mut self) -> Result<Delivery> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let Some((_, consumer)) = self.current.as_mut() else {
+                let opened = bounded("consume", self.inner.open_consumer(&self.source, self.opts));
+                match opened.await {
+                    Ok(c) => {
+                        tracing::info!(source = ?self.source, "consuming again");
+                        self.current = Some(c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(source = ?self.source, error = %e, "cannot consume yet, retrying in {wait:?}");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                }
+                continue;
+            };
+            match consumer.next().await {
+                Some(Ok(d)) => return Ok(self.delivery(d)),
+                Some(Err(e)) => {
+                    tracing::warn!(source = ?self.source, error = %e, "consumer lost; re-subscribing");
+                }
+                None => tracing::warn!(source = ?self.source, "consumer ended; re-subscribing"),
+            }
+            self.current = None;
+        }
+    }
+
+    fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
+        let (headers, redeliveries) = from_amqp(&d.properties);
+        let kind = kind_of(&d);
+        let broker_id = format!("amqp-{}", crate::job::new_id());
+        Delivery::new(
+            kind.clone(),
+            Message::new(headers, d.data),
+            redeliveries + 1,
+            broker_id,
+            Box::new(AmqpAcker {
+                acker: d.acker,
+                cumulative: self.cumulative,
+                kind,
+                transport: self.inner.clone(),
+            }),
+        )
+    }
+}
+
 /// Kind of a delivered job: its routing key (jobs from delay queues keep the original key).
 fn kind_of(d: &lapin::message::Delivery) -> String {
     d.routing_key.as_str().to_string()
@@ -574,23 +685,31 @@ struct AmqpAcker {
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.acker
-            .ack(BasicAckOptions {
-                multiple: self.cumulative,
-            })
-            .await
-            .map(drop)
-            .map_err(|e| Error::broker("ack", e))
+        let options = BasicAckOptions {
+            multiple: self.cumulative,
+        };
+        bounded("ack", async {
+            self.acker
+                .ack(options)
+                .await
+                .map(drop)
+                .map_err(|e| Error::broker("ack", e))
+        })
+        .await
     }
     async fn nack(self: Box<Self>) -> Result<()> {
-        self.acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await
-            .map(drop)
-            .map_err(|e| Error::broker("nack", e))
+        let options = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        bounded("nack", async {
+            self.acker
+                .nack(options)
+                .await
+                .map(drop)
+                .map_err(|e| Error::broker("nack", e))
+        })
+        .await
     }
     async fn retry(self: Box<Self>, mut next: Message, delay: Duration) -> Result<()> {
         // Rounded up to a power of two of milliseconds: a handful of delay queues serve all waits.
@@ -631,64 +750,32 @@ impl Transport for AmqpTransport {
     }
 
     async fn consume(&self, source: Source, opts: ConsumeOptions) -> Result<DeliveryStream> {
-        let t = &self.inner;
-        let n = &t.names;
-        let queue = match &source {
-            Source::Kind(kind) => {
-                let queue = n.job_queue(kind);
-                t.declare_bound(&Binding::new(queue.clone(), n.exchange("jobs"), kind))
-                    .await?;
-                queue
-            }
-            Source::Unrouted(_) => n.unrouted(),
-            Source::Results(group) if group == "aggregator" => n.results_queue(),
-            Source::Dead(group) if group == "dead" => n.dead_queue(),
-            Source::Results(group) | Source::Dead(group) => {
-                let (class, base) = match &source {
-                    Source::Results(_) => ("results", n.results_queue()),
-                    _ => ("dead", n.dead_queue()),
-                };
-                let q = format!("{base}.{group}");
-                let mut binding = Binding::new(q.clone(), n.exchange(class), "#");
-                if opts.ephemeral {
-                    binding
-                        .args
-                        .insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
-                }
-                t.declare_bound(&binding).await?;
-                q
-            }
-        };
         let cumulative =
             opts.cumulative && !matches!(source, Source::Kind(_) | Source::Unrouted(_));
-        let (ch, consumer) = t.consume_queue(queue, opts, false).await?;
-        let transport = self.inner.clone();
-        Ok(consumer
-            .map(move |item| {
-                let _keep_channel_open = &ch;
-                let d = item.map_err(|e| Error::broker("consume", e))?;
-                let (headers, redeliveries) = from_amqp(&d.properties);
-                let kind = kind_of(&d);
-                let broker_id = format!("amqp-{}", crate::job::new_id());
-                Ok(Delivery::new(
-                    kind.clone(),
-                    Message::new(headers, d.data),
-                    redeliveries + 1,
-                    broker_id,
-                    Box::new(AmqpAcker {
-                        acker: d.acker,
-                        cumulative,
-                        kind,
-                        transport: transport.clone(),
-                    }),
-                ))
-            })
-            .boxed())
+        // The first attempt's error is the caller's (a missing permission, say); once consuming,
+        // a lost connection is re-opened, re-declared and re-subscribed with the same prefetch.
+        let first = bounded("consume", self.inner.open_consumer(&source, opts)).await?;
+        let state = Resubscribing {
+            inner: self.inner.clone(),
+            source,
+            opts,
+            cumulative,
+            current: Some(first),
+        };
+        Ok(futures::stream::unfold(state, |mut st| async move {
+            let delivery = st.next().await;
+            Some((delivery, st))
+        })
+        .boxed())
     }
 
     async fn reply_inbox(&self) -> Result<(String, MessageStream)> {
         let replies = self.inner.names.exchange("replies");
-        self.inner.private_queue(Bind::OwnName(replies)).await
+        bounded(
+            "reply queue",
+            self.inner.private_queue(Bind::OwnName(replies)),
+        )
+        .await
     }
 
     async fn broadcast(&self, topic: &str, msg: Message) -> Result<()> {
@@ -703,7 +790,7 @@ impl Transport for AmqpTransport {
             self.inner.names.exchange("events"),
             pattern.replace('>', "#"),
         );
-        Ok(self.inner.private_queue(bind).await?.1)
+        Ok(bounded("listen", self.inner.private_queue(bind)).await?.1)
     }
 
     async fn emit_event(&self, kind: &str, state: &str, msg: Message) -> Result<()> {
@@ -761,8 +848,12 @@ impl Transport for AmqpTransport {
         );
         for (ch, prefetch) in channels {
             if ch.status().connected() {
-                let _ = ch.basic_qos(prefetch, BasicQosOptions::default()).await;
-                let _ = ch.close(200, "closing".into()).await;
+                let round_trip = async {
+                    let _ = ch.basic_qos(prefetch, BasicQosOptions::default()).await;
+                    let _ = ch.close(200, "closing".into()).await;
+                    Ok(())
+                };
+                let _ = bounded("close", round_trip).await;
             }
         }
         self.inner.channels.close();

@@ -71,7 +71,7 @@ impl managed::Manager for ConnectionManager {
         let runtime = lapin::runtime::default_runtime().map_err(|e| Error::broker("runtime", e))?;
         lapin::Connection::connect_with_config(
             self.url.expose(),
-            lapin::ConnectionProperties::default().enable_auto_recover(),
+            lapin::ConnectionProperties::default(),
             self.tls.clone(),
             runtime,
         )
