@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::own_rabbit::OwnRabbit;
 use common::{free_port, http_get, wait_for_results, wait_listening, Proc};
 use conveyor::{BrokerUrl, Client, JobSpec};
 use serde_json::json;
@@ -45,93 +46,18 @@ impl OwnBroker for OwnNats {
     }
 }
 
-/// A RabbitMQ node of its own: its own node name, ports, database and logs (owned by the
-/// `rabbitmq` user, which `rabbitmq-server` switches to when started as root).
-struct OwnRabbit {
-    port: u16,
-    dist_port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl OwnRabbit {
-    fn new(dir: PathBuf) -> Self {
-        std::fs::create_dir_all(dir.join("mnesia")).expect("dir");
-        std::fs::create_dir_all(dir.join("log")).expect("dir");
-        let port = free_port();
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins");
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.default = {port}\nloopback_users = none\n"),
-        )
-        .expect("conf");
-        let owned = Command::new("chown")
-            .args(["-R", "rabbitmq:rabbitmq"])
-            .arg(&dir)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            owned,
-            "chown to the rabbitmq user (the tests run as root, as CI does)"
-        );
-        OwnRabbit {
-            port,
-            dist_port: free_port(),
-            dir,
-            child: None,
-        }
-    }
-
-    fn node(&self) -> String {
-        format!("conveyor-test-{}@localhost", self.port)
-    }
-}
-
 impl OwnBroker for OwnRabbit {
     fn url(&self) -> String {
         format!("amqp://guest:guest@{}/%2f", self.addr())
     }
     fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        OwnRabbit::addr(self)
     }
     fn start(&mut self) {
-        let d = &self.dir;
-        let child = Command::new("rabbitmq-server")
-            .env("RABBITMQ_NODENAME", self.node())
-            .env("RABBITMQ_NODE_PORT", self.port.to_string())
-            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
-            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", d.join("log"))
-            .env("RABBITMQ_PID_FILE", d.join("pid"))
-            .env("RABBITMQ_FEATURE_FLAGS_FILE", d.join("feature_flags"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
-            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("rabbitmq-server is installed (it runs the local broker too)");
-        self.child = Some(child);
+        OwnRabbit::start(self)
     }
     fn kill9(&mut self) {
-        // The Erlang VM is a grandchild of the script: kill it by its pid file.
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
-            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
-            let _ = std::fs::remove_file(self.dir.join("pid"));
-        }
-        let _ = Command::new("pkill")
-            .args(["-9", "-f", &self.node()])
-            .status();
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnRabbit {
-    fn drop(&mut self) {
-        self.kill9();
+        OwnRabbit::kill9(self)
     }
 }
 

@@ -417,3 +417,72 @@ async fn nats_tls_with_a_private_ca() {
     let _ = nats.wait();
     outcome.expect("TLS round trip");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_a_private_ca() {
+    common::ensure_up(Broker::Amqp);
+    let dir = tempfile::tempdir().expect("tempdir");
+    private_ca(dir.path());
+    let mut rabbit = common::own_rabbit::OwnRabbit::with_tls(
+        dir.path().join("rabbit"),
+        &dir.path().join("server.pem"),
+        &dir.path().join("server.key"),
+    );
+    rabbit.start();
+    wait_listening(&rabbit.addr(), Duration::from_secs(90)).await;
+    let url = format!("amqps://guest:guest@127.0.0.1:{}/%2f", rabbit.port());
+    let ca = dir.path().join("ca.pem").to_string_lossy().into_owned();
+    let ns = unique_ns("amqps");
+    let d = dir.path().to_path_buf();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut worker = Command::new(common::bin("conveyor-worker"))
+            .args(["--broker", &url, "--namespace", &ns, "--tls-ca", &ca])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("worker.err")).expect("log"))
+            .spawn()
+            .expect("worker");
+        let publish = |extra: &[&str]| {
+            let mut args = vec!["--broker", &url, "--namespace", &ns];
+            args.extend(extra);
+            args.extend([
+                "--connect-timeout",
+                "2s",
+                "publish",
+                "echo",
+                "--payload",
+                r#"{"over":"amqps"}"#,
+                "--wait",
+                "--wait-timeout",
+                "30s",
+            ]);
+            run("conveyor-producer", &args, 60)
+        };
+        let trusted = publish(&["--tls-ca", &ca]);
+        let untrusted = publish(&[]);
+        let _ = Command::new("kill")
+            .args(["-TERM", &worker.id().to_string()])
+            .status();
+        let _ = worker.wait();
+        let worker_log = std::fs::read_to_string(d.join("worker.err")).unwrap_or_default();
+        assert!(
+            trusted.status.success() && text(&trusted).contains("\"status\":\"succeeded\""),
+            "round trip over AMQPS with the private CA:\n{}\nworker:\n{worker_log}",
+            text(&trusted)
+        );
+        assert_eq!(untrusted.status.code(), Some(2), "{}", text(&untrusted));
+        let why = text(&untrusted).to_lowercase();
+        assert!(
+            why.contains("certificate") || why.contains("issuer") || why.contains("tls"),
+            "an untrusted server certificate is named as the reason: {why}"
+        );
+        let error = text(&untrusted)
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_default()
+            .to_string();
+        println!("amqps without the CA: {error}");
+    })
+    .await;
+    rabbit.kill9();
+    outcome.expect("AMQPS round trip");
+}

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod own_rabbit;
 
 use conveyor::aggregator::{self, AggregatorConfig};
 use conveyor::transport::{self, ConsumeOptions, Source, Transport};
