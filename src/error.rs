@@ -5,20 +5,21 @@ use std::time::Duration;
 /// Result alias for the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything the library can fail with. Broker errors keep their source chain.
+/// Everything the library can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A URL, flag or config value is wrong; the message names it.
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The broker could not be reached or refused an operation.
-    #[error("broker error during {op}: {source}")]
+    /// (The cause is part of the message and deliberately not a `source()`: broker clients'
+    /// errors repeat their own causes in their messages, and reports would print them twice.)
+    #[error("broker error during {op}: {cause}")]
     Broker {
         /// What was being done.
         op: &'static str,
         /// The broker client's error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The broker refused the credentials, or refused this user an operation (permissions).
     /// Not transient: trying again with the same credentials cannot help.
@@ -62,7 +63,7 @@ impl Error {
     ) -> Self {
         Error::Broker {
             op,
-            source: Box::new(source),
+            cause: Box::new(source),
         }
     }
 

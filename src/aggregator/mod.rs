@@ -134,7 +134,7 @@ pub async fn run(
     if ended {
         return Err(Error::Broker {
             op: "consume results",
-            source: "the results consumer ended".into(),
+            cause: "the results consumer ended".into(),
         });
     }
     Ok(())

@@ -259,7 +259,7 @@ pub async fn run(
     if consumers_ended {
         return Err(Error::Broker {
             op: "consume",
-            source: "every consumer ended".into(),
+            cause: "every consumer ended".into(),
         });
     }
     Ok(report)

@@ -315,7 +315,7 @@ impl Acker for NatsAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
         self.acker.ack().await.map_err(|e| Error::Broker {
             op: "ack",
-            source: e,
+            cause: e,
         })
     }
     async fn nack(self: Box<Self>) -> Result<()> {
@@ -324,7 +324,7 @@ impl Acker for NatsAcker {
             .await
             .map_err(|e| Error::Broker {
                 op: "nak",
-                source: e,
+                cause: e,
             })
     }
     async fn retry(self: Box<Self>, _next: Message, delay: Duration) -> Result<()> {
@@ -334,7 +334,7 @@ impl Acker for NatsAcker {
             .await
             .map_err(|e| Error::Broker {
                 op: "delayed nak",
-                source: e,
+                cause: e,
             })
     }
     async fn progress(&self) -> Result<()> {
@@ -343,7 +343,7 @@ impl Acker for NatsAcker {
             .await
             .map_err(|e| Error::Broker {
                 op: "progress",
-                source: e,
+                cause: e,
             })
     }
 }
