@@ -43,22 +43,10 @@ impl Roles {
 }
 
 fn run(bin: &str, args: &[&str]) -> Output {
-    Command::new("timeout")
-        .args(["-s", "TERM", "60"])
-        .arg(common::bin(bin))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run binary")
+    common::run_bin(bin, args, 60, "info")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use common::output_text as text;
 
 /// A round trip with the role users, then the permission checks.
 async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {

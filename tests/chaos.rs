@@ -19,18 +19,6 @@ both_brokers!(
     killed_supervisor_takes_its_workers_along,
 );
 
-/// The children of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let out = Command::new("pgrep")
-        .args(["-P", &pid.to_string()])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
 /// Running (a zombie left for a reaper counts as gone).
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -49,31 +37,6 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
-fn supervise(c: &Cluster, workers: &str, worker_args: &[&str]) -> Proc {
-    let worker = common::bin("conveyor-worker");
-    let worker = worker.to_str().expect("utf-8 path");
-    let mut args = vec![
-        "--workers",
-        workers,
-        "--restart-backoff",
-        "50ms..1s",
-        "--max-restarts",
-        "1000",
-        "--within",
-        "60s",
-        "--drain-timeout",
-        "10s",
-        "--",
-        worker,
-        "--broker",
-        &c.url,
-        "--namespace",
-        &c.ns,
-    ];
-    args.extend_from_slice(worker_args);
-    Proc::spawn("supervisor", "conveyor-supervisor", &args, c.logs())
-}
-
 async fn stats(c: &Cluster) -> Value {
     wait_for_results(c.http, 0, Duration::ZERO).await
 }
@@ -84,7 +47,7 @@ async fn kill_storm(broker: Broker) {
     const JOBS: u64 = 20_000;
     let c = Cluster::new(broker);
     let _agg = c.aggregator("aggregator").await;
-    let mut sup = supervise(&c, "3", &["--lease", "3s", "--concurrency", "8"]);
+    let mut sup = c.supervisor("3", &["--lease", "3s", "--concurrency", "8"]);
     let started = Instant::now();
     let client = c.client().await;
     let specs: Vec<JobSpec> = (0..JOBS)
@@ -108,7 +71,7 @@ async fn kill_storm(broker: Broker) {
             stats(&c).await
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let pids = children(sup.pid());
+        let pids = common::children_of(sup.pid());
         if !pids.is_empty() {
             let victim = pids[(kills as usize * 7 + 3) % pids.len()];
             signal(victim, "KILL");
@@ -154,7 +117,7 @@ async fn crash_jobs_one_percent(broker: Broker) {
     const JOBS: u64 = 2_000;
     let c = Cluster::new(broker);
     let _agg = c.aggregator("aggregator").await;
-    let mut sup = supervise(&c, "3", &["--lease", "3s", "--concurrency", "8"]);
+    let mut sup = c.supervisor("3", &["--lease", "3s", "--concurrency", "8"]);
     let client = c.client().await;
     let specs: Vec<JobSpec> = (0..JOBS)
         .map(|i| {
@@ -296,10 +259,10 @@ async fn frozen_worker(broker: Broker) {
 /// rather than run on unsupervised.
 async fn killed_supervisor_takes_its_workers_along(broker: Broker) {
     let c = Cluster::new(broker);
-    let mut sup = supervise(&c, "2", &["--concurrency", "2"]);
+    let mut sup = c.supervisor("2", &["--concurrency", "2"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let workers = loop {
-        let pids = children(sup.pid());
+        let pids = common::children_of(sup.pid());
         if pids.len() == 2 && sup.log_text().matches("worker started").count() >= 2 {
             break pids;
         }

@@ -273,35 +273,7 @@ async fn supervised_workers_survive_crash_jobs(broker: Broker) {
             .collect(),
     )
     .await;
-    let worker = common::bin("conveyor-worker");
-    let worker = worker.to_str().expect("utf-8 path");
-    let mut sup = Proc::spawn(
-        "supervisor",
-        "conveyor-supervisor",
-        &[
-            "--workers",
-            "2",
-            "--restart-backoff",
-            "50ms..500ms",
-            "--max-restarts",
-            "20",
-            "--within",
-            "60s",
-            "--drain-timeout",
-            "10s",
-            "--",
-            worker,
-            "--broker",
-            &c.url,
-            "--namespace",
-            &c.ns,
-            "--lease",
-            "2s",
-            "--concurrency",
-            "4",
-        ],
-        c.logs(),
-    );
+    let mut sup = c.supervisor("2", &["--lease", "2s", "--concurrency", "4"]);
     assert_all_recorded(c.http, &crashes, "dead").await;
     assert_all_recorded(c.http, &echoes, "succeeded").await;
     let stats = wait_for_results(c.http, 102, WAIT).await;

@@ -13,25 +13,10 @@ const PASSWORD: &str = "Pw-s3cret%XyZ";
 const PASSWORD_IN_URL: &str = "Pw-s3cret%25XyZ";
 
 fn run(bin: &str, args: &[&str], timeout_s: u32) -> Output {
-    Command::new("timeout")
-        .arg("-s")
-        .arg("TERM")
-        .arg(timeout_s.to_string())
-        .arg(common::bin(bin))
-        .args(args)
-        .env("RUST_LOG", "trace")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run binary")
+    common::run_bin(bin, args, timeout_s, "trace")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use common::output_text as text;
 
 /// Runs a worker, an aggregator and a waiting producer against `url`, then a producer with a
 /// wrong password; checks the round trip and that the password shows nowhere.
@@ -369,50 +354,8 @@ async fn nats_tls_with_a_private_ca() {
     let ca = dir.path().join("ca.pem").to_string_lossy().into_owned();
     let ns = unique_ns("tls");
     let d = dir.path().to_path_buf();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let mut worker = Command::new(common::bin("conveyor-worker"))
-            .args(["--broker", &url, "--namespace", &ns, "--tls-ca", &ca])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("worker.err")).expect("log"))
-            .spawn()
-            .expect("worker");
-        let publish = |extra: &[&str]| {
-            let mut args = vec!["--broker", &url, "--namespace", &ns];
-            args.extend(extra);
-            args.extend([
-                "--connect-timeout",
-                "2s",
-                "publish",
-                "echo",
-                "--payload",
-                r#"{"over":"tls"}"#,
-                "--wait",
-                "--wait-timeout",
-                "20s",
-            ]);
-            run("conveyor-producer", &args, 40)
-        };
-        let trusted = publish(&["--tls-ca", &ca]);
-        let untrusted = publish(&[]);
-        let _ = Command::new("kill")
-            .args(["-TERM", &worker.id().to_string()])
-            .status();
-        let _ = worker.wait();
-        let worker_log = std::fs::read_to_string(d.join("worker.err")).unwrap_or_default();
-        assert!(
-            trusted.status.success() && text(&trusted).contains("\"status\":\"succeeded\""),
-            "round trip over TLS with the private CA:\n{}\nworker:\n{worker_log}",
-            text(&trusted)
-        );
-        assert_eq!(untrusted.status.code(), Some(2), "{}", text(&untrusted));
-        let why = text(&untrusted).to_lowercase();
-        assert!(
-            why.contains("certificate") || why.contains("issuer") || why.contains("tls"),
-            "an untrusted server certificate is named as the reason: {why}"
-        );
-        println!("without the CA: {}", text(&untrusted).trim());
-    })
-    .await;
+    let outcome =
+        tokio::task::spawn_blocking(move || tls_round_trip(&url, &ca, &ns, &d, "tls")).await;
     let _ = nats.kill();
     let _ = nats.wait();
     outcome.expect("TLS round trip");
@@ -434,55 +377,59 @@ async fn amqps_with_a_private_ca() {
     let ca = dir.path().join("ca.pem").to_string_lossy().into_owned();
     let ns = unique_ns("amqps");
     let d = dir.path().to_path_buf();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let mut worker = Command::new(common::bin("conveyor-worker"))
-            .args(["--broker", &url, "--namespace", &ns, "--tls-ca", &ca])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("worker.err")).expect("log"))
-            .spawn()
-            .expect("worker");
-        let publish = |extra: &[&str]| {
-            let mut args = vec!["--broker", &url, "--namespace", &ns];
-            args.extend(extra);
-            args.extend([
-                "--connect-timeout",
-                "2s",
-                "publish",
-                "echo",
-                "--payload",
-                r#"{"over":"amqps"}"#,
-                "--wait",
-                "--wait-timeout",
-                "30s",
-            ]);
-            run("conveyor-producer", &args, 60)
-        };
-        let trusted = publish(&["--tls-ca", &ca]);
-        let untrusted = publish(&[]);
-        let _ = Command::new("kill")
-            .args(["-TERM", &worker.id().to_string()])
-            .status();
-        let _ = worker.wait();
-        let worker_log = std::fs::read_to_string(d.join("worker.err")).unwrap_or_default();
-        assert!(
-            trusted.status.success() && text(&trusted).contains("\"status\":\"succeeded\""),
-            "round trip over AMQPS with the private CA:\n{}\nworker:\n{worker_log}",
-            text(&trusted)
-        );
-        assert_eq!(untrusted.status.code(), Some(2), "{}", text(&untrusted));
-        let why = text(&untrusted).to_lowercase();
-        assert!(
-            why.contains("certificate") || why.contains("issuer") || why.contains("tls"),
-            "an untrusted server certificate is named as the reason: {why}"
-        );
-        let error = text(&untrusted)
-            .lines()
-            .find(|l| l.starts_with("error:"))
-            .unwrap_or_default()
-            .to_string();
-        println!("amqps without the CA: {error}");
-    })
-    .await;
+    let outcome =
+        tokio::task::spawn_blocking(move || tls_round_trip(&url, &ca, &ns, &d, "amqps")).await;
     rabbit.kill9();
     outcome.expect("AMQPS round trip");
+}
+
+/// A worker and a waiting producer over TLS with `--tls-ca`, then a producer without it: the
+/// first round trip works, the second fails naming the certificate.
+fn tls_round_trip(url: &str, ca: &str, ns: &str, dir: &Path, label: &str) {
+    let mut worker = Command::new(common::bin("conveyor-worker"))
+        .args(["--broker", url, "--namespace", ns, "--tls-ca", ca])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("worker.err")).expect("log"))
+        .spawn()
+        .expect("worker");
+    let publish = |extra: &[&str]| {
+        let mut args = vec!["--broker", url, "--namespace", ns];
+        args.extend(extra);
+        args.extend([
+            "--connect-timeout",
+            "2s",
+            "publish",
+            "echo",
+            "--payload",
+            r#"{"over":"tls"}"#,
+            "--wait",
+            "--wait-timeout",
+            "30s",
+        ]);
+        run("conveyor-producer", &args, 60)
+    };
+    let trusted = publish(&["--tls-ca", ca]);
+    let untrusted = publish(&[]);
+    let _ = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status();
+    let _ = worker.wait();
+    let worker_log = std::fs::read_to_string(dir.join("worker.err")).unwrap_or_default();
+    assert!(
+        trusted.status.success() && text(&trusted).contains("\"status\":\"succeeded\""),
+        "{label} round trip with the private CA:\n{}\nworker:\n{worker_log}",
+        text(&trusted)
+    );
+    assert_eq!(untrusted.status.code(), Some(2), "{}", text(&untrusted));
+    let why = text(&untrusted).to_lowercase();
+    assert!(
+        why.contains("certificate") || why.contains("issuer") || why.contains("tls"),
+        "an untrusted server certificate is named as the reason: {why}"
+    );
+    let error = text(&untrusted)
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default()
+        .to_string();
+    println!("{label} without the CA: {error}");
 }

@@ -38,16 +38,7 @@ fn wait_exit(
     status.expect("exited")
 }
 
-fn children_of(pid: u32) -> Vec<u32> {
-    let out = Command::new("pgrep")
-        .args(["-P", &pid.to_string()])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
+use common::children_of;
 
 #[test]
 fn gives_up_after_too_many_restarts() {

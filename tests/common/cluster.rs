@@ -79,6 +79,33 @@ impl Cluster {
         Client::connect(&url, &self.ns).await.expect("client")
     }
 
+    /// `conveyor-supervisor` running `workers` workers of this cluster with `worker_args`,
+    /// restarting them quickly and without giving up.
+    pub fn supervisor(&self, workers: &str, worker_args: &[&str]) -> Proc {
+        let worker = super::bin("conveyor-worker");
+        let worker = worker.to_str().expect("utf-8 path");
+        let mut args = vec![
+            "--workers",
+            workers,
+            "--restart-backoff",
+            "50ms..1s",
+            "--max-restarts",
+            "1000",
+            "--within",
+            "60s",
+            "--drain-timeout",
+            "10s",
+            "--",
+            worker,
+            "--broker",
+            &self.url,
+            "--namespace",
+            &self.ns,
+        ];
+        args.extend_from_slice(worker_args);
+        Proc::spawn("supervisor", "conveyor-supervisor", &args, self.logs())
+    }
+
     pub fn producer(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
         use std::io::Write;
         let mut cmd = Command::new(super::bin("conveyor-producer"));

@@ -411,3 +411,37 @@ macro_rules! both_brokers {
         }
     };
 }
+
+/// Runs binary `name` with `args` to its end, killed with SIGTERM after `timeout_s` seconds,
+/// with `RUST_LOG` set to `log`.
+pub fn run_bin(name: &str, args: &[&str], timeout_s: u32, log: &str) -> std::process::Output {
+    Command::new("timeout")
+        .args(["-s", "TERM", &timeout_s.to_string()])
+        .arg(bin(name))
+        .args(args)
+        .env("RUST_LOG", log)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run binary")
+}
+
+/// A finished process's stdout and stderr, as text.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The children of process `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
