@@ -100,6 +100,7 @@ struct Binding {
     key: String,
     args: FieldTable,
     bind_args: FieldTable,
+    options: QueueDeclareOptions,
 }
 
 impl Binding {
@@ -111,6 +112,22 @@ impl Binding {
             key: key.to_string(),
             args: quorum_args(),
             bind_args: FieldTable::default(),
+            options: durable(),
+        }
+    }
+
+    /// A temporary classic queue (quorum queues cannot be auto-deleted): it goes away when its
+    /// consumer does, or after a minute unused.
+    fn ephemeral(queue: String, exchange: String, key: &str) -> Self {
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+        Binding {
+            args,
+            options: QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            ..Binding::new(queue, exchange, key)
         }
     }
 }
@@ -365,7 +382,7 @@ impl Inner {
 
     /// Declares a durable queue with `args` and binds it.
     async fn queue(&self, ch: &lapin::Channel, b: &Binding) -> Result<()> {
-        ch.queue_declare(b.queue.as_str().into(), durable(), b.args.clone())
+        ch.queue_declare(b.queue.as_str().into(), b.options, b.args.clone())
             .await
             .map_err(|e| amqp_error("declare queue", e))?;
         ch.queue_bind(
@@ -420,11 +437,9 @@ impl Inner {
         bind_args.insert("x-match".into(), long("all"));
         bind_args.insert(header::RETRY_DELAY_MS.into(), long(&delay_ms.to_string()));
         let binding = Binding {
-            queue: name.clone(),
-            exchange: self.names.exchange("retry"),
-            key: String::new(),
             args,
             bind_args,
+            ..Binding::new(name.clone(), self.names.exchange("retry"), "")
         };
         self.declare_bound(&binding).await?;
         self.lock_retry().insert(name);
@@ -565,12 +580,11 @@ impl Inner {
                     _ => ("dead", n.dead_queue()),
                 };
                 let q = format!("{base}.{group}");
-                let mut binding = Binding::new(q.clone(), n.exchange(class), "#");
-                if opts.ephemeral {
-                    binding
-                        .args
-                        .insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
-                }
+                let binding = if opts.ephemeral {
+                    Binding::ephemeral(q.clone(), n.exchange(class), "#")
+                } else {
+                    Binding::new(q.clone(), n.exchange(class), "#")
+                };
                 self.declare_bound(&binding).await?;
                 q
             }
