@@ -4,8 +4,12 @@
 //! and `<ns>.events`, and the fanout `<ns>.control`. Each job kind has a quorum queue
 //! `<ns>.jobs.<kind>` bound with routing key `<kind>`, declared by the workers that take it. Jobs of
 //! a kind without a queue go through the alternate exchange into `<ns>.jobs-unrouted`, which the
-//! catch-all worker consumes, so no job is dropped. Retries wait in per-kind delay queues whose
-//! messages dead-letter back into `<ns>.jobs` when their TTL ends.
+//! catch-all worker consumes, so no job is dropped. Retries go through the headers exchange
+//! `<ns>.retry` into one delay queue per delay (`<ns>.retry.<ms>ms`), whose messages dead-letter
+//! back into `<ns>.jobs` under their kind when their TTL ends. Replies go through the direct
+//! exchange `<ns>.replies`, keyed by the reply queue's name. Nothing is published to the default
+//! exchange, so role users need no write permission on it (see `broker-config/`). Consumers whose
+//! connection is lost re-subscribe by themselves (see `Resubscribing`).
 
 use super::{
     Acker, ConsumeOptions, Delivery, DeliveryStream, MessageStream, Route, Source, Transport,
