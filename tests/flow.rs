@@ -29,6 +29,7 @@ both_brokers!(
     long_job_keeps_its_lease,
     panicking_handler_fails_only_its_job,
     deadline_fails_the_attempt,
+    kind_timeout_applies_and_frees_the_slot,
 );
 
 async fn every_builtin_kind_in_both_codecs(broker: Broker) {
@@ -319,7 +320,7 @@ async fn deadline_fails_the_attempt(broker: Broker) {
             .max_attempts(2),
     )
     .await;
-    assert_eq!((r.status.as_str(), r.attempt), ("dead", 2), "{r:?}");
+    assert_eq!((r.status.as_str(), r.attempt), ("timed-out", 2), "{r:?}");
     assert!(r
         .error
         .unwrap_or_default()
@@ -327,6 +328,47 @@ async fn deadline_fails_the_attempt(broker: Broker) {
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "the sleeps were cut short"
+    );
+    stack.stop().await;
+}
+
+/// `--timeout sleep=300ms`: a `sleep` job without its own deadline is cut at 300 ms on each
+/// attempt and ends `timed-out`; with one slot, the next job runs once the slot is freed; a job
+/// with its own `Conveyor-Timeout-Ms` keeps it.
+async fn kind_timeout_applies_and_frees_the_slot(broker: Broker) {
+    let mut config = test_worker_config();
+    config.concurrency = 1;
+    config.timeout_grace = Duration::from_millis(200);
+    config
+        .kind_timeouts
+        .insert("sleep".into(), Duration::from_millis(300));
+    let stack = Stack::start(broker, config).await;
+    let started = std::time::Instant::now();
+    let slow = run_job(
+        &stack,
+        JobSpec::new("sleep", json!({"ms": 20_000})).max_attempts(2),
+    )
+    .await;
+    assert_eq!(
+        (slow.status.as_str(), slow.attempt),
+        ("timed-out", 2),
+        "{slow:?}"
+    );
+    let next = run_job(&stack, JobSpec::new("echo", json!({"after": "timeout"}))).await;
+    assert_eq!(next.status.as_str(), "succeeded", "{next:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the slot was freed after each cut attempt"
+    );
+    let own = run_job(
+        &stack,
+        JobSpec::new("sleep", json!({"ms": 600})).timeout_ms(5_000),
+    )
+    .await;
+    assert_eq!(
+        own.status.as_str(),
+        "succeeded",
+        "its own deadline wins: {own:?}"
     );
     stack.stop().await;
 }

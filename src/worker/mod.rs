@@ -16,6 +16,7 @@ use crate::transport::{ConsumeOptions, Delivery, DeliveryStream, Route, Source, 
 use backoff::Backoff;
 use futures::{FutureExt, StreamExt};
 pub use registry::{handler_fn, Handler, Job, JobContext, Registry};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,8 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// How long a timed-out handler gets to stop.
     pub timeout_grace: Duration,
+    /// Deadline of each attempt per kind, for jobs without `Conveyor-Timeout-Ms`.
+    pub kind_timeouts: HashMap<String, Duration>,
     /// Retry delays.
     pub backoff: Backoff,
     /// Name on results (`Conveyor-Worker`) and heartbeats.
@@ -55,6 +58,7 @@ impl Default for WorkerConfig {
             drain_timeout: Duration::from_secs(30),
             lease: Duration::from_secs(30),
             timeout_grace: process::DEFAULT_TIMEOUT_GRACE,
+            kind_timeouts: HashMap::new(),
             backoff: Backoff::default(),
             worker_id: default_worker_id(),
             heartbeat: Duration::from_secs(5),

@@ -77,6 +77,10 @@ pub async fn process(
         Ok(v) => v,
         Err(e) => return dead(&shared, delivery, &meta, &e.to_string()).await,
     };
+    let mut meta = meta;
+    if meta.timeout.is_none() {
+        meta.timeout = shared.config.kind_timeouts.get(&meta.kind).copied();
+    }
     let meta = Arc::new(meta);
     let outcome = tokio::select! {
         r = run_handler(&shared, handler, &delivery, meta.clone(), input, abandon.clone()) => r,
@@ -95,7 +99,12 @@ pub async fn process(
         }
         Err(e) if e.is_retryable() => {
             let reason = format!("failed after {} attempts: {e}", meta.attempt);
-            dead(&shared, delivery, &meta, &reason).await
+            // A job whose last attempt ran out of time ends `timed-out` (and in the dead letters).
+            let status = match e {
+                JobError::Timeout(_) => Status::TimedOut,
+                _ => Status::Dead,
+            };
+            dead_as(&shared, delivery, &meta, &reason, status).await
         }
         Err(e) => dead(&shared, delivery, &meta, &e.to_string()).await,
     }
@@ -283,6 +292,17 @@ async fn retry(shared: &Shared, delivery: Delivery, meta: &JobMeta, err: &JobErr
 /// Dead-letters a job: the original message plus the reason to the dead letters, a `dead` result,
 /// then the ack. Publishes are confirmed before the ack; if they fail the job is redelivered.
 async fn dead(shared: &Shared, delivery: Delivery, meta: &JobMeta, reason: &str) -> Outcome {
+    dead_as(shared, delivery, meta, reason, Status::Dead).await
+}
+
+/// [`dead`], with the result's status given.
+async fn dead_as(
+    shared: &Shared,
+    delivery: Delivery,
+    meta: &JobMeta,
+    reason: &str,
+    status: Status,
+) -> Outcome {
     tracing::warn!(job = %meta.id, kind = %meta.kind, attempt = meta.attempt, %reason, "dead-lettering job");
     let mut letter = delivery.message.clone();
     letter.headers.insert(header::ID, meta.id.clone());
@@ -296,7 +316,7 @@ async fn dead(shared: &Shared, delivery: Delivery, meta: &JobMeta, reason: &str)
         .insert(header::WORKER, shared.config.worker_id.clone());
     let dead_route = Route::Dead(meta.kind.clone());
     let result = Message::new(
-        result_headers(shared, meta, Status::Dead, Some(reason)),
+        result_headers(shared, meta, status, Some(reason)),
         Vec::new(),
     );
     let (lettered, recorded) = tokio::join!(

@@ -34,6 +34,10 @@ struct Args {
     /// How long running jobs may take to finish after SIGTERM.
     #[arg(long, env = "CONVEYOR_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Default deadline of each attempt for a kind, as KIND=DURATION (`--timeout hash=5s`;
+    /// repeat the flag or separate with commas). A job's own Conveyor-Timeout-Ms wins.
+    #[arg(long = "timeout", env = "CONVEYOR_TIMEOUT", value_delimiter = ',', value_parser = parse_kind_timeout, value_name = "KIND=DURATION")]
+    timeouts: Vec<(String, Duration)>,
     /// Lease of a delivered job before the broker redelivers it (JetStream AckWait; long jobs
     /// extend it while they run).
     #[arg(long, env = "CONVEYOR_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -47,6 +51,19 @@ struct Args {
     /// Longest delay between retries.
     #[arg(long, env = "CONVEYOR_RETRY_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
     retry_max: Duration,
+}
+
+/// `KIND=DURATION`, with a valid kind and a non-zero duration.
+fn parse_kind_timeout(s: &str) -> Result<(String, Duration), String> {
+    let (kind, duration) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KIND=DURATION, e.g. hash=5s"))?;
+    conveyor::protocol::validate_kind(kind).map_err(|e| e.to_string())?;
+    let d = humantime::parse_duration(duration).map_err(|e| format!("{duration:?}: {e}"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: the timeout must be above zero"));
+    }
+    Ok((kind.to_string(), d))
 }
 
 #[tokio::main]
@@ -63,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         drain_timeout: args.drain_timeout,
         lease: args.lease,
+        kind_timeouts: args.timeouts.into_iter().collect(),
         heartbeat: args.heartbeat,
         backoff: Backoff {
             base: args.retry_base,
@@ -78,4 +96,31 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("connecting to {}", args.broker.broker))?;
     worker::run(transport, builtin::registry(), config, shutdown, force).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_timeouts_parse_and_bad_ones_name_the_problem() {
+        assert_eq!(
+            parse_kind_timeout("wordcount.map=1m30s"),
+            Ok(("wordcount.map".to_string(), Duration::from_secs(90)))
+        );
+        let err = |s: &str| parse_kind_timeout(s).err().unwrap_or_default();
+        assert!(err("hash").contains("expected KIND=DURATION"));
+        assert!(err("hash=0s").contains("above zero"));
+        assert!(err("hash=soon").contains("\"soon\""));
+        assert!(err("ha sh=1s").contains("invalid job kind"));
+        let args = Args::try_parse_from(["conveyor-worker", "--timeout", "hash=5s,sleep=1s"])
+            .map(|a| a.timeouts);
+        assert_eq!(
+            args.ok(),
+            Some(vec![
+                ("hash".to_string(), Duration::from_secs(5)),
+                ("sleep".to_string(), Duration::from_secs(1)),
+            ])
+        );
+    }
 }
