@@ -384,7 +384,7 @@ impl Inner {
         }
     }
 
-    /// Declares a durable queue with `args` and binds it.
+    /// Declares `b`'s queue with its options and arguments, and binds it.
     async fn queue(&self, ch: &lapin::Channel, b: &Binding) -> Result<()> {
         ch.queue_declare(b.queue.as_str().into(), b.options, b.args.clone())
             .await
@@ -620,10 +620,14 @@ impl Inner {
             )
             .await
             .map_err(|e| amqp_error("basic.consume", e))?;
-        self.consumer_channels
+        let mut channels = self
+            .consumer_channels
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((ch.clone(), opts.prefetch.max(1)));
+            .unwrap_or_else(|p| p.into_inner());
+        // Channels lost to a broker restart are replaced by re-subscribing consumers: forget them.
+        channels.retain(|(c, _)| c.status().connected());
+        channels.push((ch.clone(), opts.prefetch.max(1)));
+        drop(channels);
         Ok((ch, consumer))
     }
 }
