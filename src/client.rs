@@ -3,9 +3,12 @@
 
 use crate::broker_url::BrokerUrl;
 use crate::error::{Error, Result};
+use crate::events::{Emitter, JobEvent, JobState};
 use crate::job::JobSpec;
+use crate::protocol::header;
 use crate::result::JobResult;
 use crate::transport::{self, publish_retrying, MessageStream, Route, Transport};
+use crate::workflow::{Handle, Submission};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,19 +21,29 @@ pub const PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Client {
     transport: Arc<dyn Transport>,
+    events: Emitter,
 }
 
 impl Client {
     /// Connects to the broker of `url` for `namespace`.
     pub async fn connect(url: &BrokerUrl, namespace: &str) -> Result<Client> {
-        Ok(Client {
-            transport: transport::connect(url, namespace).await?,
-        })
+        Ok(Client::from_transport(
+            transport::connect(url, namespace).await?,
+        ))
     }
 
-    /// Wraps an existing transport.
+    /// Wraps an existing transport. The client emits a `published` event per confirmed job.
     pub fn from_transport(transport: Arc<dyn Transport>) -> Client {
-        Client { transport }
+        Client {
+            events: Emitter::spawn(transport.clone()),
+            transport,
+        }
+    }
+
+    /// The same client without `published` events (for benchmarks of the raw job path).
+    pub fn without_events(mut self) -> Client {
+        self.events = Emitter::disabled();
+        self
     }
 
     /// The transport underneath.
@@ -49,6 +62,9 @@ impl Client {
             PUBLISH_PATIENCE,
         )
         .await?;
+        let mut event = JobEvent::new(&id, &spec.kind, JobState::Published, 0);
+        event.group = spec.headers.get(header::GROUP).map(str::to_string);
+        self.events.emit(event);
         Ok(id)
     }
 
@@ -83,6 +99,12 @@ impl Client {
         })
     }
 
+    /// Publishes a job, chain, group or chord and returns a handle whose
+    /// [`Handle::result`] waits for its outcome (future/promise across processes).
+    pub async fn submit(&self, what: impl Into<Submission>) -> Result<Handle> {
+        crate::workflow::handle::submit(self, what.into()).await
+    }
+
     /// Publishes a job and waits for its final result (publish-and-wait).
     pub async fn call(&self, spec: JobSpec, timeout: Duration) -> Result<JobResult> {
         let mut waiter = self.waiter().await?;
@@ -96,8 +118,9 @@ impl Client {
             .ok_or(Error::Timeout(timeout, "job result"))
     }
 
-    /// Closes the connection cleanly.
+    /// Closes the connection cleanly (after sending the events queued so far).
     pub async fn close(&self) -> Result<()> {
+        self.events.flush(Duration::from_secs(2)).await;
         self.transport.close().await
     }
 }
@@ -129,6 +152,36 @@ impl Waiter {
                 tracing::warn!(error = %e, "unreadable reply");
                 None
             }
+        }
+    }
+
+    /// Waits for the first result that `wanted` accepts, or `None` when `timeout` passes first.
+    /// Results it does not accept are kept for later calls.
+    pub async fn wait_match(
+        &mut self,
+        timeout: Duration,
+        wanted: impl Fn(&JobResult) -> bool,
+    ) -> Option<JobResult> {
+        if let Some(key) = self
+            .early
+            .iter()
+            .find(|(_, r)| wanted(r))
+            .map(|(k, _)| k.clone())
+        {
+            return self.early.remove(&key);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.stream.next())
+                .await
+                .ok()??;
+            let Ok(r) = JobResult::from_message(&msg, "") else {
+                continue;
+            };
+            if wanted(&r) {
+                return Some(r);
+            }
+            self.early.insert(r.id.clone(), r);
         }
     }
 

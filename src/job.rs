@@ -154,9 +154,25 @@ pub struct JobMeta {
     pub correlation_id: Option<String>,
     /// Body codec.
     pub codec: Codec,
-    /// Group headers to copy onto the result.
+    /// Workflow headers (group, chord, chain) to copy onto the result.
     pub group: Vec<(String, String)>,
+    /// Kinds of the chain steps after this one.
+    pub chain_rest: Vec<String>,
 }
+
+/// Headers a worker copies from a job onto its result, so that the aggregator and waiters can
+/// place it in its group, chord or chain.
+pub const WORKFLOW_HEADERS: [&str; 9] = [
+    header::GROUP,
+    header::GROUP_SIZE,
+    header::GROUP_INDEX,
+    header::GROUP_POLICY,
+    header::CHORD_KIND,
+    header::CHORD_REPLY_TO,
+    header::CHAIN,
+    header::CHAIN_STEP,
+    header::CHAIN_LENGTH,
+];
 
 /// Reads a number header; a bad value is an error that names the header.
 fn num_header<T: std::str::FromStr>(
@@ -210,10 +226,34 @@ impl JobMeta {
                 header::GROUP_SIZE
             ));
         }
-        let group = [header::GROUP, header::GROUP_SIZE, header::GROUP_INDEX]
+        let _: Option<u32> = num_header(h, header::CHAIN_STEP)?;
+        let _: Option<u32> = num_header(h, header::CHAIN_LENGTH)?;
+        if let Some(p) = h.get(header::GROUP_POLICY) {
+            crate::workflow::Policy::parse(p)?;
+        }
+        if let Some(k) = h.get(header::CHORD_KIND) {
+            validate_kind(k).map_err(|e| format!("bad header {}: {e}", header::CHORD_KIND))?;
+        }
+        let chain_rest = match h.get(header::CHAIN_REST).map(str::trim) {
+            None | Some("") => Vec::new(),
+            Some(rest) => rest
+                .split(',')
+                .map(|k| {
+                    let k = k.trim();
+                    validate_kind(k)
+                        .map(|()| k.to_string())
+                        .map_err(|e| format!("bad header {}: {e}", header::CHAIN_REST))
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+        };
+        let mut group: Vec<(String, String)> = WORKFLOW_HEADERS
             .iter()
             .filter_map(|n| h.get(n).map(|v| (n.to_string(), v.to_string())))
             .collect();
+        if !chain_rest.is_empty() && h.get(header::CHAIN).is_none() {
+            // A chain started by a client that named no chain: the first step's id names it.
+            group.push((header::CHAIN.to_string(), id.clone()));
+        }
         Ok(JobMeta {
             id,
             kind: kind.to_string(),
@@ -227,7 +267,16 @@ impl JobMeta {
             correlation_id: h.get(header::CORRELATION_ID).map(str::to_string),
             codec,
             group,
+            chain_rest,
         })
+    }
+
+    /// The value of a workflow header this job carries.
+    pub fn workflow(&self, name: &str) -> Option<&str> {
+        self.group
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 

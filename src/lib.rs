@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod error;
+pub mod events;
 pub mod job;
 pub mod message;
 pub mod protocol;
@@ -21,6 +22,7 @@ pub mod shutdown;
 pub mod supervisor;
 pub mod transport;
 pub mod worker;
+pub mod workflow;
 
 pub use broker_url::BrokerUrl;
 

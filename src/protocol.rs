@@ -25,6 +25,21 @@ pub mod header {
     pub const GROUP_SIZE: &str = "Conveyor-Group-Size";
     /// Position in the group.
     pub const GROUP_INDEX: &str = "Conveyor-Group-Index";
+    /// Group failure policy: `continue` (default) or `fail-fast`.
+    pub const GROUP_POLICY: &str = "Conveyor-Group-Policy";
+    /// On group members: the kind of the chord callback the aggregator publishes once every
+    /// member is done.
+    pub const CHORD_KIND: &str = "Conveyor-Chord-Kind";
+    /// On group members: where the chord callback's result is also sent.
+    pub const CHORD_REPLY_TO: &str = "Conveyor-Chord-Reply-To";
+    /// Chain id.
+    pub const CHAIN: &str = "Conveyor-Chain";
+    /// Position of this step in its chain, from 0.
+    pub const CHAIN_STEP: &str = "Conveyor-Chain-Step";
+    /// Number of steps in the chain.
+    pub const CHAIN_LENGTH: &str = "Conveyor-Chain-Length";
+    /// On chain steps: the kinds of the steps still to come, comma-separated.
+    pub const CHAIN_REST: &str = "Conveyor-Chain-Rest";
     /// Singleflight key.
     pub const DEDUP_KEY: &str = "Conveyor-Dedup-Key";
     /// Result status.

@@ -28,6 +28,18 @@ pub struct JobResult {
     /// Group id, when the job was part of one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Position in the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    /// Chain id, when the job was a chain step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
+    /// Position of the step in its chain, from 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    /// Steps in the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
 }
 
 impl JobResult {
@@ -46,6 +58,7 @@ impl JobResult {
         }
         let codec = Codec::from_content_type(h.get(header::CONTENT_TYPE))?;
         let output = codec.decode(&msg.body)?;
+        let num = |name: &str| h.get(name).and_then(|v| v.trim().parse::<u32>().ok());
         Ok(JobResult {
             id,
             kind: h.get(header::KIND).unwrap_or(kind).to_string(),
@@ -58,7 +71,19 @@ impl JobResult {
             error: h.get(header::ERROR).map(str::to_string),
             worker: h.get(header::WORKER).map(str::to_string),
             group: h.get(header::GROUP).map(str::to_string),
+            index: num(header::GROUP_INDEX),
+            chain: h.get(header::CHAIN).map(str::to_string),
+            step: num(header::CHAIN_STEP),
+            steps: num(header::CHAIN_LENGTH),
         })
+    }
+
+    /// True for the last step of a chain, or a job that is no chain step.
+    pub fn ends_chain(&self) -> bool {
+        match (self.step, self.steps) {
+            (Some(step), Some(steps)) => step + 1 >= steps,
+            _ => true,
+        }
     }
 
     /// True when the job succeeded.

@@ -7,7 +7,9 @@
 
 mod bench_cmd;
 mod publish;
+mod watch_cmd;
 mod workers_cmd;
+mod workflow_cmd;
 
 use clap::{Parser, Subcommand};
 use conveyor::cli::BrokerArgs;
@@ -32,6 +34,12 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Measure end-to-end throughput and latency next to the raw broker.
     Bench(bench_cmd::BenchArgs),
+    /// Publish a chain: each step's output is the next step's input.
+    Chain(workflow_cmd::ChainArgs),
+    /// Publish a group of jobs of one kind (a chord with --callback), tracked as one.
+    Group(workflow_cmd::GroupArgs),
+    /// Print job lifecycle events live, one line each.
+    Watch(watch_cmd::WatchArgs),
     /// List the live workers, from their heartbeats.
     Workers(workers_cmd::WorkersArgs),
     /// Delete the namespace's streams, or exchanges and queues, with every job and result in them.
@@ -77,6 +85,9 @@ async fn main() -> std::process::ExitCode {
     let outcome = match args.command {
         Command::Publish(p) => publish::run(&url, ns, p).await,
         Command::Bench(b) => bench_cmd::run(&url, ns, b).await,
+        Command::Chain(c) => workflow_cmd::chain(&url, ns, c).await,
+        Command::Group(g) => workflow_cmd::group(&url, ns, g).await,
+        Command::Watch(w) => watch_cmd::run(&url, ns, w).await,
         Command::Workers(w) => workers_cmd::run(&url, ns, w).await,
         Command::DeleteNamespace(d) => delete_namespace(&url, ns, d).await,
     };

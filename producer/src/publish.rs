@@ -73,7 +73,7 @@ fn read_payloads(args: &PublishArgs) -> anyhow::Result<Vec<Value>> {
     Ok(vec![one; args.count])
 }
 
-fn progress(len: usize, what: &'static str) -> ProgressBar {
+pub fn progress(len: usize, what: &'static str) -> ProgressBar {
     if len > 1 && std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(len as u64);
         bar.set_style(

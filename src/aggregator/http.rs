@@ -1,4 +1,4 @@
-//! The aggregator's HTTP API: `GET /jobs/{id}`, `GET /stats`, `GET /workers`, `GET /health`.
+//! The aggregator's HTTP API: `GET /jobs/{id}`, `GET /groups/{id}`, `GET /stats`, `GET /workers`, `GET /health`.
 
 use super::store::Store;
 use super::workers::Liveness;
@@ -21,6 +21,7 @@ struct AppState {
 pub fn router(store: Store, liveness: Arc<Liveness>) -> Router {
     Router::new()
         .route("/jobs/{id}", get(job))
+        .route("/groups/{id}", get(group))
         .route("/stats", get(stats))
         .route("/workers", get(workers))
         .route("/health", get(health))
@@ -50,6 +51,20 @@ async fn job(State(state): State<AppState>, Path(id): Path<String>) -> Response 
         Ok(Ok((id, None))) => (
             StatusCode::NOT_FOUND,
             Json(json!({"error": format!("no result recorded for job {id}")})),
+        )
+            .into_response(),
+        Ok(Err(e)) => internal(e),
+        Err(e) => internal(crate::Error::Store(e.to_string())),
+    }
+}
+
+async fn group(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let store = state.store;
+    match tokio::task::spawn_blocking(move || store.group(&id).map(|g| (id, g))).await {
+        Ok(Ok((_, Some(g)))) => Json(g).into_response(),
+        Ok(Ok((id, None))) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no member of group {id} recorded")})),
         )
             .into_response(),
         Ok(Err(e)) => internal(e),

@@ -3,6 +3,8 @@
 //!
 //! Shutdown: when `shutdown` fires it stops consuming, finishes the batch in hand, and closes.
 
+pub mod chords;
+pub mod groups;
 pub mod http;
 pub mod store;
 pub mod workers;
@@ -10,6 +12,7 @@ pub mod workers;
 use crate::error::{Error, Result};
 use crate::result::JobResult;
 use crate::transport::{ConsumeOptions, Delivery, Source, Transport};
+use crate::workflow::Membership;
 use futures::{FutureExt, StreamExt};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Most results written in one transaction.
 const MAX_BATCH: usize = 512;
+/// How often due chord callbacks that could not be published are tried again.
+const CHORD_SWEEP: Duration = Duration::from_secs(5);
 
 /// Aggregator settings (the `conveyor-aggregator` flags).
 #[derive(Debug, Clone)]
@@ -93,12 +98,21 @@ pub async fn run(
     let mut results = transport
         .consume(Source::Results("aggregator".into()), opts)
         .await?;
+    // Callbacks left due by an earlier run (or a failed publish) go out first, then every few
+    // seconds.
+    chords::sweep(transport.as_ref(), &store).await;
+    let mut sweeps =
+        tokio::time::interval_at(tokio::time::Instant::now() + CHORD_SWEEP, CHORD_SWEEP);
     let mut ended = false;
     loop {
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             d = results.next() => d,
+            _ = sweeps.tick() => {
+                chords::sweep(transport.as_ref(), &store).await;
+                continue;
+            }
         };
         let mut batch = match first {
             Some(Ok(d)) => vec![d],
@@ -120,7 +134,9 @@ pub async fn run(
                 _ => break,
             }
         }
-        record(&store, batch).await;
+        if let Some(actions) = record(&store, batch).await {
+            chords::act(transport.as_ref(), &store, actions).await;
+        }
     }
     drop(results);
     listening.abort();
@@ -141,17 +157,17 @@ pub async fn run(
 }
 
 /// Writes one batch durably, then acks it. If the write fails nothing is acked, and the broker
-/// redelivers the batch.
-async fn record(store: &Store, batch: Vec<Delivery>) {
+/// redelivers the batch. Returns what the batch's group members ask for.
+async fn record(store: &Store, batch: Vec<Delivery>) -> Option<groups::GroupActions> {
     let mut parsed = Vec::with_capacity(batch.len());
     for d in &batch {
         match JobResult::from_message(&d.message, &d.kind) {
-            Ok(r) => parsed.push(r),
+            Ok(r) => parsed.push((r, Membership::from_headers(&d.message.headers))),
             Err(e) => tracing::warn!(error = %e, "dropping unreadable result"),
         }
     }
     let s = store.clone();
-    let written = tokio::task::spawn_blocking(move || s.record_batch(&parsed)).await;
+    let written = tokio::task::spawn_blocking(move || s.record(&parsed)).await;
     match written {
         Ok(Ok(outcome)) => {
             if outcome.duplicates > 0 {
@@ -171,6 +187,7 @@ async fn record(store: &Store, batch: Vec<Delivery>) {
                     tracing::warn!(error = %e, "ack of a recorded result failed; it will come again as a duplicate");
                 }
             }
+            Some(outcome.groups)
         }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "store write failed; results will be redelivered");
@@ -178,7 +195,11 @@ async fn record(store: &Store, batch: Vec<Delivery>) {
                 let _ = d.nack().await;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+            None
         }
-        Err(e) => tracing::error!(error = %e, "store task failed"),
+        Err(e) => {
+            tracing::error!(error = %e, "store task failed");
+            None
+        }
     }
 }

@@ -1,8 +1,12 @@
 //! The aggregator's durable store (redb): one record per job id, plus counters. A batch of
 //! results is one transaction, committed (fsync) before any of them is acked.
 
+use super::groups::{
+    self, ChordState, Counter, GroupActions, GroupRecord, GroupView, DUE_CHORDS, GROUPS, MEMBERS,
+};
 use crate::error::{Error, Result};
 use crate::result::JobResult;
+use crate::workflow::Membership;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -26,12 +30,14 @@ pub struct Stats {
 }
 
 /// What one batch did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
     /// Newly recorded job ids.
     pub recorded: u64,
     /// Results whose job id was already there.
     pub duplicates: u64,
+    /// What the group members of the batch ask for.
+    pub groups: GroupActions,
 }
 
 /// The store. Cheap to clone.
@@ -40,7 +46,7 @@ pub struct Store {
     db: Arc<Database>,
 }
 
-fn store_err(e: impl std::fmt::Display) -> Error {
+pub(super) fn store_err(e: impl std::fmt::Display) -> Error {
     Error::Store(e.to_string())
 }
 
@@ -53,6 +59,9 @@ impl Store {
         {
             txn.open_table(JOBS).map_err(store_err)?;
             txn.open_table(COUNTERS).map_err(store_err)?;
+            txn.open_table(GROUPS).map_err(store_err)?;
+            txn.open_table(MEMBERS).map_err(store_err)?;
+            txn.open_table(DUE_CHORDS).map_err(store_err)?;
         }
         txn.commit().map_err(store_err)?;
         Ok(Store { db: Arc::new(db) })
@@ -61,11 +70,23 @@ impl Store {
     /// Records each result whose job id is new; counts the others as duplicates. Durable when it
     /// returns. Blocking: call from a blocking thread.
     pub fn record_batch(&self, results: &[JobResult]) -> Result<BatchOutcome> {
+        let plain: Vec<(JobResult, Option<Membership>)> =
+            results.iter().map(|r| (r.clone(), None)).collect();
+        self.record(&plain)
+    }
+
+    /// [`Store::record_batch`] for results that may be group members: each new member is
+    /// counted in its group in the same transaction.
+    pub fn record(&self, results: &[(JobResult, Option<Membership>)]) -> Result<BatchOutcome> {
         let mut outcome = BatchOutcome::default();
         let txn = self.db.begin_write().map_err(store_err)?;
         {
             let mut jobs = txn.open_table(JOBS).map_err(store_err)?;
             let mut counters = txn.open_table(COUNTERS).map_err(store_err)?;
+            let mut groups = txn.open_table(GROUPS).map_err(store_err)?;
+            let mut members = txn.open_table(MEMBERS).map_err(store_err)?;
+            let mut due = txn.open_table(DUE_CHORDS).map_err(store_err)?;
+            let mut counter = Counter::new(&mut groups, &mut members, &mut due);
             let mut bump = |key: &str, by: u64| -> Result<()> {
                 let now = counters
                     .get(key)
@@ -75,10 +96,13 @@ impl Store {
                 counters.insert(key, now + by).map_err(store_err)?;
                 Ok(())
             };
-            for r in results {
+            for (r, membership) in results {
                 if jobs.get(r.id.as_str()).map_err(store_err)?.is_some() {
                     outcome.duplicates += 1;
                     continue;
+                }
+                if let Some(m) = membership {
+                    counter.count(r, m)?;
                 }
                 let bytes = serde_json::to_vec(r).map_err(store_err)?;
                 jobs.insert(r.id.as_str(), bytes.as_slice())
@@ -89,6 +113,7 @@ impl Store {
             if outcome.duplicates > 0 {
                 bump(DUPLICATES, outcome.duplicates)?;
             }
+            outcome.groups = counter.finish()?;
         }
         txn.commit().map_err(store_err)?;
         Ok(outcome)
@@ -104,6 +129,51 @@ impl Store {
                 .map(Some)
                 .map_err(store_err),
         }
+    }
+
+    /// Group `id` with its members' results, in member order.
+    pub fn group(&self, id: &str) -> Result<Option<GroupView>> {
+        let txn = self.db.begin_read().map_err(store_err)?;
+        let groups = txn.open_table(GROUPS).map_err(store_err)?;
+        let members = txn.open_table(MEMBERS).map_err(store_err)?;
+        let jobs = txn.open_table(JOBS).map_err(store_err)?;
+        groups::view(&groups, &members, &jobs, id)
+    }
+
+    /// Chords whose callback is due but not yet confirmed published.
+    pub fn due_chords(&self) -> Result<Vec<String>> {
+        let txn = self.db.begin_read().map_err(store_err)?;
+        let due = txn.open_table(DUE_CHORDS).map_err(store_err)?;
+        let mut out = Vec::new();
+        for item in due.iter().map_err(store_err)? {
+            out.push(item.map_err(store_err)?.0.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// Marks the callback of chord `group` published. Durable when it returns.
+    pub fn chord_published(&self, group: &str) -> Result<()> {
+        let txn = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut groups = txn.open_table(GROUPS).map_err(store_err)?;
+            let mut due = txn.open_table(DUE_CHORDS).map_err(store_err)?;
+            due.remove(group).map_err(store_err)?;
+            let record = match groups.get(group).map_err(store_err)? {
+                Some(raw) => {
+                    Some(serde_json::from_slice::<GroupRecord>(raw.value()).map_err(store_err)?)
+                }
+                None => None,
+            };
+            if let Some(mut record) = record {
+                if let Some(chord) = record.chord.as_mut() {
+                    chord.state = ChordState::Published;
+                }
+                let bytes = serde_json::to_vec(&record).map_err(store_err)?;
+                groups.insert(group, bytes.as_slice()).map_err(store_err)?;
+            }
+        }
+        txn.commit().map_err(store_err)?;
+        Ok(())
     }
 
     /// Current counts.
@@ -140,7 +210,84 @@ mod tests {
             error: None,
             worker: None,
             group: None,
+            index: None,
+            chain: None,
+            step: None,
+            steps: None,
         }
+    }
+
+    fn member(group: &str, size: u32, index: u32, status: &str) -> (JobResult, Option<Membership>) {
+        let mut r = result(&crate::workflow::member_id(group, index), status);
+        r.output = json!(index);
+        r.index = Some(index);
+        let m = Membership {
+            group: group.into(),
+            size,
+            index: Some(index),
+            policy: crate::workflow::Policy::FailFast,
+            chord: Some("echo".into()),
+            chord_reply_to: None,
+        };
+        (r, Some(m))
+    }
+
+    #[test]
+    fn a_chord_is_due_once_whatever_the_duplicates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let first = store
+            .record(&[
+                member("g", 3, 2, "succeeded"),
+                member("g", 3, 0, "succeeded"),
+            ])
+            .expect("batch");
+        assert!(first.groups.chords_due.is_empty());
+        // The last member, delivered twice in one batch and once more later.
+        let last = store
+            .record(&[
+                member("g", 3, 1, "succeeded"),
+                member("g", 3, 1, "succeeded"),
+            ])
+            .expect("batch");
+        assert_eq!(last.groups.chords_due, vec!["g".to_string()]);
+        assert_eq!(last.duplicates, 1);
+        let again = store
+            .record(&[member("g", 3, 1, "succeeded")])
+            .expect("batch");
+        assert!(again.groups.chords_due.is_empty());
+        assert_eq!(store.due_chords().expect("due"), vec!["g".to_string()]);
+        let view = store.group("g").expect("read").expect("group");
+        assert!(view.done);
+        assert_eq!((view.succeeded, view.failed), (3, 0));
+        let outputs: Vec<_> = view
+            .results
+            .iter()
+            .map(|r| r.as_ref().map(|r| r.output.clone()))
+            .collect();
+        assert_eq!(
+            outputs,
+            vec![Some(json!(0)), Some(json!(1)), Some(json!(2))]
+        );
+        store.chord_published("g").expect("mark");
+        assert!(store.due_chords().expect("due").is_empty());
+        let view = store.group("g").expect("read").expect("group");
+        assert_eq!(view.callback.map(|c| c.state), Some(ChordState::Published));
+    }
+
+    #[test]
+    fn a_fail_fast_group_asks_for_one_cancel() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let out = store
+            .record(&[member("f", 4, 0, "dead"), member("f", 4, 1, "failed")])
+            .expect("batch");
+        assert_eq!(out.groups.cancel.len(), 1);
+        assert!(out.groups.cancel[0].1.contains("member 0"));
+        let view = store.group("f").expect("read").expect("group");
+        assert_eq!((view.failed, view.done), (2, false));
+        assert_eq!(view.results.iter().filter(|r| r.is_none()).count(), 2);
+        assert_eq!(store.group("nope").expect("read"), None);
     }
 
     #[test]
@@ -155,25 +302,13 @@ mod tests {
                     result("a", "succeeded"),
                 ])
                 .expect("batch");
-            assert_eq!(
-                out,
-                BatchOutcome {
-                    recorded: 2,
-                    duplicates: 1
-                }
-            );
+            assert_eq!((out.recorded, out.duplicates), (2, 1));
         }
         let store = Store::open(dir.path()).expect("reopen");
         let out = store
             .record_batch(&[result("b", "succeeded")])
             .expect("batch");
-        assert_eq!(
-            out,
-            BatchOutcome {
-                recorded: 0,
-                duplicates: 1
-            }
-        );
+        assert_eq!((out.recorded, out.duplicates), (0, 1));
         let stats = store.stats().expect("stats");
         assert_eq!(stats.results, 2);
         assert_eq!(stats.duplicates, 2);

@@ -195,6 +195,13 @@ pub trait Transport: Send + Sync + 'static {
     /// from now on.
     async fn listen_events(&self, pattern: &str) -> Result<MessageStream>;
 
+    /// Sends a control message (a cancel request) to every process listening now: NATS subject
+    /// `<ns>.control.cancel`, RabbitMQ fanout exchange `<ns>.control` (confirmed). Not stored.
+    async fn send_control(&self, msg: Message) -> Result<()>;
+
+    /// Receives the control messages sent from now on.
+    async fn listen_control(&self) -> Result<MessageStream>;
+
     /// Settles everything in flight and closes the connection cleanly.
     async fn close(&self) -> Result<()>;
 

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod builtin;
+pub mod cancel;
 pub mod heartbeat;
 pub mod process;
 pub mod registry;
@@ -47,6 +48,8 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// How often the worker broadcasts a heartbeat.
     pub heartbeat: Duration,
+    /// Broadcast job lifecycle events (`started`, `retrying`, final states).
+    pub events: bool,
 }
 
 impl Default for WorkerConfig {
@@ -62,6 +65,7 @@ impl Default for WorkerConfig {
             backoff: Backoff::default(),
             worker_id: default_worker_id(),
             heartbeat: Duration::from_secs(5),
+            events: true,
         }
     }
 }
@@ -114,6 +118,10 @@ pub struct Shared {
     pub config: WorkerConfig,
     /// Counters.
     pub counters: Counters,
+    /// Lifecycle events.
+    pub events: crate::events::Emitter,
+    /// Cancel requests heard, and the running jobs they can reach.
+    pub cancels: Arc<cancel::Cancels>,
 }
 
 impl Shared {
@@ -184,12 +192,25 @@ pub async fn run(
         concurrency = config.concurrency,
         "worker started"
     );
+    let events = if config.events {
+        crate::events::Emitter::spawn(transport.clone())
+    } else {
+        crate::events::Emitter::disabled()
+    };
     let shared = Arc::new(Shared {
         transport: transport.clone(),
         registry,
         config,
         counters: Counters::default(),
+        events,
+        cancels: Arc::default(),
     });
+    let beating = CancellationToken::new();
+    let cancel_listener = tokio::spawn(cancel::listen(
+        transport.clone(),
+        shared.cancels.clone(),
+        beating.clone(),
+    ));
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
     let jobs = TaskTracker::new();
     let abandon = CancellationToken::new();
@@ -206,7 +227,6 @@ pub async fn run(
         ));
     }
     pumps.close();
-    let beating = CancellationToken::new();
     let beat = heartbeat::Heartbeat {
         id: shared.config.worker_id.clone(),
         host: hostname(),
@@ -251,6 +271,8 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(5), jobs.wait()).await;
     beating.cancel();
     let _ = heart.await;
+    let _ = cancel_listener.await;
+    shared.events.flush(Duration::from_secs(2)).await;
     transport.close().await?;
     let c = &shared.counters;
     let report = WorkerReport {

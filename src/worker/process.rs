@@ -5,6 +5,7 @@ use super::registry::{Handler, Job};
 use super::{lease_ticker, Shared};
 use crate::codec::Codec;
 use crate::error::Result;
+use crate::events::{JobEvent, JobState};
 use crate::job::{JobError, JobMeta};
 use crate::message::{header_safe, Headers, Message};
 use crate::protocol::{header, Status};
@@ -82,8 +83,15 @@ pub async fn process(
         meta.timeout = shared.config.kind_timeouts.get(&meta.kind).copied();
     }
     let meta = Arc::new(meta);
+    let tracked = shared.cancels.track(&meta.id, meta.workflow(header::GROUP));
+    if tracked.token.is_cancelled() {
+        let why = format!("cancelled before it ran: {}", tracked.reason());
+        return finish(&shared, delivery, &meta, Status::Cancelled, &why).await;
+    }
+    emit(&shared, &meta, JobState::Started, None);
+    let requested = tracked.token.clone();
     let outcome = tokio::select! {
-        r = run_handler(&shared, handler, &delivery, meta.clone(), input, abandon.clone()) => r,
+        r = run_handler(&shared, handler, &delivery, meta.clone(), input, abandon.clone(), requested) => r,
         _ = abandon.cancelled() => None,
     };
     let Some(outcome) = outcome else {
@@ -92,7 +100,8 @@ pub async fn process(
     match outcome {
         Ok(output) => succeed(&shared, delivery, &meta, output).await,
         Err(JobError::Cancelled) => {
-            finish(&shared, delivery, &meta, Status::Cancelled, "cancelled").await
+            let why = tracked.reason();
+            finish(&shared, delivery, &meta, Status::Cancelled, &why).await
         }
         Err(e) if e.is_retryable() && meta.attempt < meta.max_attempts => {
             retry(&shared, delivery, &meta, &e).await
@@ -123,6 +132,7 @@ fn fallback_meta(delivery: &Delivery, kind: &str) -> JobMeta {
         correlation_id: h.get(header::CORRELATION_ID).map(str::to_string),
         codec: Codec::Json,
         group: Vec::new(),
+        chain_rest: Vec::new(),
     }
 }
 
@@ -135,6 +145,7 @@ async fn run_handler(
     meta: Arc<JobMeta>,
     input: Value,
     abandon: CancellationToken,
+    requested: CancellationToken,
 ) -> Option<Result<Value, JobError>> {
     let cancel = abandon.child_token();
     let job = Job {
@@ -178,6 +189,12 @@ async fn run_handler(
                     meta.timeout.map(|t| t.as_millis()).unwrap_or(0)
                 ))));
             }
+            _ = requested.cancelled() => {
+                // A cancel request: the handler gets the grace period to stop, then is left.
+                cancel.cancel();
+                let _ = tokio::time::timeout(shared.config.timeout_grace, &mut task).await;
+                return Some(Err(JobError::Cancelled));
+            }
             _ = abandon.cancelled() => return None,
         }
     }
@@ -217,8 +234,18 @@ fn result_headers(shared: &Shared, meta: &JobMeta, status: Status, error: Option
 
 /// Publishes the final result (and the reply, when asked), each confirmed, with retries.
 async fn publish_final(shared: &Shared, meta: &JobMeta, result: Message) -> Result<()> {
+    publish_result(shared, meta, result, true).await
+}
+
+/// Publishes a result; the reply too when `reply` (a chain step that handed on does not reply).
+async fn publish_result(
+    shared: &Shared,
+    meta: &JobMeta,
+    result: Message,
+    reply: bool,
+) -> Result<()> {
     let reply = async {
-        if let Some(to) = &meta.reply_to {
+        if let Some(to) = meta.reply_to.as_ref().filter(|_| reply) {
             if let Err(e) = shared
                 .transport
                 .publish(Route::Reply(to.clone()), result.clone())
@@ -241,14 +268,21 @@ async fn succeed(shared: &Shared, delivery: Delivery, meta: &JobMeta, output: Va
             return dead(shared, delivery, meta, &reason).await;
         }
     };
+    let body = bytes::Bytes::from(body);
+    let hands_on = !meta.chain_rest.is_empty();
+    if hands_on {
+        let (kind, next) = next_chain_step(&delivery.message, meta, body.clone());
+        if let Err(e) = shared.publish_retrying(Route::Job(kind), next).await {
+            tracing::error!(job = %meta.id, error = %e, "next chain step not confirmed; handing the job back");
+            return hand_back(delivery).await;
+        }
+    }
     let msg = Message::new(result_headers(shared, meta, Status::Succeeded, None), body);
-    settle(
-        delivery,
-        meta,
-        publish_final(shared, meta, msg).await,
-        Outcome::Succeeded,
-    )
-    .await
+    let published = publish_result(shared, meta, msg, !hands_on).await;
+    if published.is_ok() {
+        emit(shared, meta, JobState::Succeeded, None);
+    }
+    settle(delivery, meta, published, Outcome::Succeeded).await
 }
 
 async fn finish(
@@ -259,13 +293,11 @@ async fn finish(
     why: &str,
 ) -> Outcome {
     let msg = Message::new(result_headers(shared, meta, status, Some(why)), Vec::new());
-    settle(
-        delivery,
-        meta,
-        publish_final(shared, meta, msg).await,
-        Outcome::Ended,
-    )
-    .await
+    let published = publish_final(shared, meta, msg).await;
+    if published.is_ok() {
+        emit(shared, meta, JobState::of_status(status), Some(why));
+    }
+    settle(delivery, meta, published, Outcome::Ended).await
 }
 
 async fn retry(shared: &Shared, delivery: Delivery, meta: &JobMeta, err: &JobError) -> Outcome {
@@ -281,7 +313,10 @@ async fn retry(shared: &Shared, delivery: Delivery, meta: &JobMeta, err: &JobErr
     next.headers
         .insert(header::ERROR, header_safe(&err.to_string()));
     match delivery.retry(next, after).await {
-        Ok(()) => Outcome::Retried,
+        Ok(()) => {
+            emit(shared, meta, JobState::Retrying, Some(&err.to_string()));
+            Outcome::Retried
+        }
         Err(e) => {
             tracing::warn!(job = %meta.id, error = %e, "could not schedule the retry; the broker will redeliver");
             Outcome::HandedBack
@@ -323,7 +358,62 @@ async fn dead_as(
         shared.publish_retrying(dead_route, letter),
         publish_final(shared, meta, result)
     );
-    settle(delivery, meta, lettered.and(recorded), Outcome::Dead).await
+    let published = lettered.and(recorded);
+    if published.is_ok() {
+        emit(shared, meta, JobState::of_status(status), Some(reason));
+    }
+    settle(delivery, meta, published, Outcome::Dead).await
+}
+
+/// The next step of the chain `meta` is a step of: its kind, and the job with `output` as its
+/// input and id `<chain>.<step>`. Its id is the same however often this step runs, so a repeated
+/// publish is one job to JetStream's de-duplication and to the aggregator.
+fn next_chain_step(job: &Message, meta: &JobMeta, output: bytes::Bytes) -> (String, Message) {
+    let chain = meta.workflow(header::CHAIN).unwrap_or(&meta.id).to_string();
+    let step: u32 = meta
+        .workflow(header::CHAIN_STEP)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+        + 1;
+    let length = meta
+        .workflow(header::CHAIN_LENGTH)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(step + u32::try_from(meta.chain_rest.len()).unwrap_or(u32::MAX));
+    let mut h = job.headers.clone();
+    for stale in [
+        header::NATS_MSG_ID,
+        header::ATTEMPT,
+        header::ERROR,
+        header::RETRY_DELAY_MS,
+        header::KIND,
+        header::WORKER,
+    ] {
+        h.remove(stale);
+    }
+    let id = crate::workflow::chain_step_id(&chain, step);
+    h.insert(header::ID, header_safe(&id));
+    h.insert(header::CHAIN, chain);
+    h.insert(header::CHAIN_STEP, step.to_string());
+    h.insert(header::CHAIN_LENGTH, length.to_string());
+    match meta.chain_rest.get(1..) {
+        Some(rest) if !rest.is_empty() => h.insert(header::CHAIN_REST, rest.join(",")),
+        _ => h.remove(header::CHAIN_REST),
+    }
+    let kind = meta.chain_rest.first().cloned().unwrap_or_default();
+    (kind, Message::new(h, output))
+}
+
+/// Queues a lifecycle event of this job (never waits).
+fn emit(shared: &Shared, meta: &JobMeta, state: JobState, error: Option<&str>) {
+    let mut ev = JobEvent::new(&meta.id, &meta.kind, state, meta.attempt);
+    ev.worker = Some(shared.config.worker_id.clone());
+    ev.error = error.map(header_safe);
+    ev.group = meta
+        .group
+        .iter()
+        .find(|(k, _)| k == header::GROUP)
+        .map(|(_, v)| v.clone());
+    shared.events.emit(ev);
 }
 
 async fn settle(

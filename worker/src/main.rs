@@ -51,6 +51,9 @@ struct Args {
     /// Longest delay between retries.
     #[arg(long, env = "CONVEYOR_RETRY_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
     retry_max: Duration,
+    /// Do not broadcast job lifecycle events (started, retrying, succeeded, ...).
+    #[arg(long, env = "CONVEYOR_NO_EVENTS")]
+    no_events: bool,
 }
 
 /// `KIND=DURATION`, with a valid kind and a non-zero duration.
@@ -82,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
         lease: args.lease,
         kind_timeouts: args.timeouts.into_iter().collect(),
         heartbeat: args.heartbeat,
+        events: !args.no_events,
         backoff: Backoff {
             base: args.retry_base,
             max: args.retry_max,

@@ -801,9 +801,26 @@ impl Transport for AmqpTransport {
     }
 
     async fn broadcast(&self, topic: &str, msg: Message) -> Result<()> {
+        // At most once: the frame is sent, the confirm is not waited for (events and heartbeats
+        // are frequent, and nothing is stored for them anyway).
         let t = &self.inner;
-        t.publish_raw(&t.names.exchange("events"), topic, false, &msg)
+        let ch = t
+            .channels
+            .get()
             .await
+            .map_err(|e| pool_error("channel pool", e))?;
+        let publish = ch.basic_publish(
+            t.names.exchange("events").as_str().into(),
+            topic.into(),
+            BasicPublishOptions::default(),
+            &msg.body,
+            to_amqp(&msg.headers),
+        );
+        tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+            .await
+            .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "broadcast"))?
+            .map_err(|e| amqp_error("broadcast", e))?;
+        Ok(())
     }
 
     async fn listen(&self, pattern: &str) -> Result<MessageStream> {
@@ -821,6 +838,17 @@ impl Transport for AmqpTransport {
 
     async fn listen_events(&self, pattern: &str) -> Result<MessageStream> {
         self.listen(pattern).await
+    }
+
+    async fn send_control(&self, msg: Message) -> Result<()> {
+        let t = &self.inner;
+        t.publish_raw(&t.names.exchange("control"), "", false, &msg)
+            .await
+    }
+
+    async fn listen_control(&self) -> Result<MessageStream> {
+        let bind = Bind::Key(self.inner.names.exchange("control"), String::new());
+        Ok(bounded("listen", self.inner.private_queue(bind)).await?.1)
     }
 
     async fn delete_namespace(&self, kinds: &[String]) -> Result<()> {

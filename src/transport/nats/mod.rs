@@ -457,6 +457,26 @@ impl Transport for NatsTransport {
         self.listen(&format!("events.{pattern}")).await
     }
 
+    async fn send_control(&self, msg: Message) -> Result<()> {
+        self.client
+            .publish_with_headers(
+                self.names.cancel_subject(),
+                to_nats_headers(&msg.headers, None),
+                msg.body,
+            )
+            .await
+            .map_err(|e| Error::broker("send control", e))?;
+        // A cancel is worth a round trip: the server has it when this returns.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| Error::broker("send control", e))
+    }
+
+    async fn listen_control(&self) -> Result<MessageStream> {
+        self.listen("control.cancel").await
+    }
+
     async fn delete_namespace(&self, _kinds: &[String]) -> Result<()> {
         for class in ["jobs", "results", "dead"] {
             let name = self.names.stream(class);

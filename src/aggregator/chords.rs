@@ -1,0 +1,130 @@
+//! Publishing chord callbacks, and fail-fast cancels, once a batch is committed.
+//!
+//! A due callback is published (confirmed) with the id `<group>.callback`, then marked published.
+//! If the aggregator dies between the two, the restarted one publishes it again with the same id:
+//! JetStream's de-duplication drops the copy, and the result is recorded once on both brokers.
+//! A chord with a member that did not succeed gets no callback run: its callback id gets a
+//! `failed` result naming the first failed member.
+
+use super::groups::{GroupActions, GroupView};
+use super::store::Store;
+use crate::error::{Error, Result};
+use crate::job::JobSpec;
+use crate::message::{header_safe, Headers, Message};
+use crate::protocol::{header, Status};
+use crate::transport::{publish_retrying, Route, Transport};
+use crate::worker::cancel::CancelRequest;
+use serde_json::Value;
+use std::time::Duration;
+
+/// How long a callback publish keeps retrying before it is left for the next sweep.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Store(e.to_string()))?
+}
+
+/// Acts on what a committed batch asked for.
+pub async fn act(transport: &dyn Transport, store: &Store, actions: GroupActions) {
+    for (group, why) in actions.cancel {
+        tracing::info!(%group, %why, "fail-fast group: cancelling the members not finished");
+        if let Err(e) = transport
+            .send_control(CancelRequest::group(&group, why).to_message())
+            .await
+        {
+            tracing::warn!(%group, error = %e, "could not send the fail-fast cancel");
+        }
+    }
+    for group in actions.chords_due {
+        complete(transport, store, &group).await;
+    }
+}
+
+/// Publishes every due callback (after a restart, or after a failed publish).
+pub async fn sweep(transport: &dyn Transport, store: &Store) {
+    let s = store.clone();
+    match blocking(move || s.due_chords()).await {
+        Ok(due) => {
+            for group in due {
+                complete(transport, store, &group).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the due chords"),
+    }
+}
+
+/// Publishes the callback of chord `group` (or its failed result) and marks it published.
+pub async fn complete(transport: &dyn Transport, store: &Store, group: &str) {
+    if let Err(e) = try_complete(transport, store, group).await {
+        tracing::warn!(%group, error = %e, "chord callback not published yet; will try again");
+    }
+}
+
+async fn try_complete(transport: &dyn Transport, store: &Store, group: &str) -> Result<()> {
+    let (s, g) = (store.clone(), group.to_string());
+    let Some(view) = blocking(move || s.group(&g)).await? else {
+        return Ok(());
+    };
+    let Some(chord) = view.callback.clone() else {
+        return Ok(());
+    };
+    let (route, msg) = if view.failed == 0 {
+        (Route::Job(chord.kind.clone()), callback_job(&view)?)
+    } else {
+        (Route::Result(chord.kind.clone()), failed_result(&view))
+    };
+    let failed = view.failed > 0;
+    publish_retrying(transport, route, msg.clone(), PATIENCE).await?;
+    if failed {
+        if let Some(to) = &chord.reply_to {
+            if let Err(e) = transport.publish(Route::Reply(to.clone()), msg).await {
+                tracing::debug!(%group, error = %e, "chord reply not delivered (the waiter may be gone)");
+            }
+        }
+    }
+    let (s, g) = (store.clone(), group.to_string());
+    blocking(move || s.chord_published(&g)).await?;
+    tracing::info!(%group, callback = %chord.id, kind = %chord.kind, failed, "chord complete");
+    Ok(())
+}
+
+/// The callback job: the members' outputs in member order.
+fn callback_job(view: &GroupView) -> Result<Message> {
+    let Some(chord) = &view.callback else {
+        return Err(Error::Config("not a chord".into()));
+    };
+    let input = Value::Array(
+        view.results
+            .iter()
+            .map(|r| r.as_ref().map(|r| r.output.clone()).unwrap_or(Value::Null))
+            .collect(),
+    );
+    let mut spec = JobSpec::new(chord.kind.clone(), input).id(chord.id.clone());
+    spec.reply_to = chord.reply_to.clone();
+    Ok(spec.to_message()?.1)
+}
+
+/// The chord's result when a member did not succeed.
+fn failed_result(view: &GroupView) -> Message {
+    let (id, kind) = match &view.callback {
+        Some(c) => (c.id.clone(), c.kind.clone()),
+        None => (view.id.clone(), String::new()),
+    };
+    let why = format!(
+        "chord {}: {} of {} members did not succeed; the callback did not run (first: {})",
+        view.id,
+        view.failed,
+        view.size,
+        view.first_failure.as_deref().unwrap_or("?")
+    );
+    let h = Headers::new()
+        .with(header::ID, id)
+        .with(header::KIND, kind)
+        .with(header::STATUS, Status::Failed.as_str())
+        .with(header::ATTEMPT, "0")
+        .with(header::WORKER, "aggregator")
+        .with(header::ERROR, header_safe(&why));
+    Message::new(h, "null")
+}

@@ -1,0 +1,369 @@
+//! Workflows across workers, on both real brokers: chains, groups with both failure policies,
+//! chords through an aggregator killed -9 mid-way, and lifecycle events seen by two watchers.
+
+mod common;
+
+use common::cluster::{Cluster, WAIT};
+use common::{http_get, test_worker_config, Broker, Proc, Stack};
+use conveyor::events::JobEvent;
+use conveyor::worker::{handler_fn, JobContext, Registry, WorkerConfig};
+use conveyor::workflow::{Chain, Chord, Group, Policy};
+use conveyor::{JobError, JobSpec};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+both_brokers!(
+    chain_passes_outputs_along_and_stops_at_a_failed_step,
+    group_of_500_over_two_worker_processes_continues_past_failures,
+    fail_fast_group_cancels_the_members_not_finished,
+    chord_callback_runs_once_through_an_aggregator_kill,
+    two_watchers_see_every_event_of_a_run,
+);
+
+const SHA_ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+async fn chain_passes_outputs_along_and_stops_at_a_failed_step(broker: Broker) {
+    let stack = Stack::start(broker, test_worker_config()).await;
+    // echo → hash → echo: the hash step gets the echo's output as its input.
+    let chain = Chain::new(
+        ["echo", "hash", "echo"],
+        json!({"data": "abc", "rounds": 1}),
+    );
+    let mut handle = stack.client.submit(chain).await.expect("submitted");
+    let r = handle.result(WAIT).await.expect("chain result");
+    assert!(r.succeeded(), "{r:?}");
+    assert_eq!(r.output, json!({"sha256": SHA_ABC}));
+    assert_eq!((r.step, r.steps), (Some(2), Some(3)));
+    assert_eq!(r.id, format!("{}.2", handle.id()));
+
+    // echo → fail (always, 2 attempts) → echo: the chain stops at step 2, step 3 never runs.
+    let mut chain = Chain::new(["echo", "fail", "echo"], json!({"times": -1}));
+    chain.max_attempts = Some(2);
+    let mut handle = stack.client.submit(chain).await.expect("submitted");
+    let r = handle.result(WAIT).await.expect("chain result");
+    assert_eq!(r.status, "dead", "{r:?}");
+    assert_eq!(r.attempt, 2, "the failing step had its retries: {r:?}");
+    let error = r.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("stopped at step 2 of 3 (fail)") && error.contains("fails as asked"),
+        "{error}"
+    );
+    let chain_id = handle.id().to_string();
+    common::wait_for_results(stack.http, 3 + 2, WAIT).await;
+    let (code, _) = http_get(stack.http, &format!("/jobs/{chain_id}.1")).await;
+    assert_eq!(code, 200, "the failed step is recorded");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, _) = http_get(stack.http, &format!("/jobs/{chain_id}.2")).await;
+    assert_eq!(code, 404, "the step after the failed one never ran");
+    stack.stop().await;
+}
+
+/// Two worker processes and an aggregator process of one cluster.
+async fn two_workers(broker: Broker, extra: &[&str]) -> (Cluster, Vec<Proc>) {
+    let cluster = Cluster::new(broker);
+    let mut procs = vec![cluster.aggregator("aggregator").await];
+    for n in 0..2 {
+        procs.push(cluster.worker(&format!("worker-{n}"), extra));
+    }
+    (cluster, procs)
+}
+
+async fn group_of_500_over_two_worker_processes_continues_past_failures(broker: Broker) {
+    let (cluster, _procs) = two_workers(broker, &["--concurrency", "16"]).await;
+    let client = cluster.client().await;
+    // Every 50th member always fails (one attempt); the others succeed.
+    let members: Vec<JobSpec> = (0..500)
+        .map(|i| {
+            let times = if i % 50 == 7 { -1 } else { 0 };
+            JobSpec::new("fail", json!({ "times": times })).max_attempts(1)
+        })
+        .collect();
+    let mut handle = client
+        .submit(Group::new(members).id(conveyor::job::new_id()))
+        .await
+        .expect("submitted");
+    let r = handle.result(WAIT).await.expect("group result");
+    assert_eq!(r.status, "failed", "{:?}", r.error);
+    let members = handle.members();
+    assert_eq!(members.len(), 500);
+    for (i, m) in members.iter().enumerate() {
+        assert_eq!(m.index, Some(i as u32));
+        assert_eq!(m.succeeded(), i % 50 != 7, "member {i}: {m:?}");
+    }
+    let workers: BTreeSet<_> = members.iter().filter_map(|m| m.worker.clone()).collect();
+    assert_eq!(
+        workers.len(),
+        2,
+        "both worker processes took members: {workers:?}"
+    );
+
+    // The aggregator's view, once it has recorded all of them.
+    let path = format!("/groups/{}", handle.id());
+    let view = poll_group(&cluster, &path, |v| v["done"] == json!(true)).await;
+    assert_eq!(view["size"], json!(500));
+    assert_eq!(view["succeeded"], json!(490));
+    assert_eq!(view["failed"], json!(10));
+    let results = view["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 500);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(
+            r["id"],
+            json!(format!("{}.{i}", handle.id())),
+            "member order"
+        );
+    }
+    let (code, _) = http_get(cluster.http, "/groups/no-such-group").await;
+    assert_eq!(code, 404);
+}
+
+/// Polls `path` on the cluster's aggregator until `done` says so.
+async fn poll_group(cluster: &Cluster, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (code, v) = http_get(cluster.http, path).await;
+        if code == 200 && done(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} not done in time: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn fail_fast_group_cancels_the_members_not_finished(broker: Broker) {
+    let (cluster, _procs) = two_workers(broker, &["--concurrency", "8"]).await;
+    let client = cluster.client().await;
+    // 499 sleeps of 300 ms would take about 10 s on 16 slots; member 20 fails at once.
+    let members: Vec<JobSpec> = (0..500)
+        .map(|i| {
+            if i == 20 {
+                JobSpec::new("fail", json!({"times": -1})).max_attempts(1)
+            } else {
+                JobSpec::new("sleep", json!({"ms": 300}))
+            }
+        })
+        .collect();
+    let started = tokio::time::Instant::now();
+    let mut handle = client
+        .submit(Group::new(members).policy(Policy::FailFast))
+        .await
+        .expect("submitted");
+    let r = handle.result(WAIT).await.expect("group result");
+    let took = started.elapsed();
+    assert_eq!(r.status, "failed");
+    let members = handle.members();
+    assert_eq!(members[20].status, "dead");
+    let cancelled: Vec<_> = members.iter().filter(|m| m.status == "cancelled").collect();
+    let succeeded = members.iter().filter(|m| m.succeeded()).count();
+    assert_eq!(cancelled.len() + succeeded + 1, 500);
+    assert!(
+        cancelled.len() >= 400,
+        "most members were cancelled, not run: {} cancelled, {succeeded} succeeded in {took:?}",
+        cancelled.len()
+    );
+    for m in &cancelled {
+        let e = m.error.as_deref().unwrap_or("");
+        assert!(e.contains("failed fast") && e.contains("member 20"), "{e}");
+    }
+    // Members that were running when the failure came were cancelled mid-sleep too: each
+    // cancelled member either never ran ("before it ran") or was stopped while running.
+    let mid_run = cancelled
+        .iter()
+        .filter(|m| !m.error.as_deref().unwrap_or("").contains("before it ran"))
+        .count();
+    eprintln!(
+        "fail-fast: {} cancelled ({mid_run} while running), {succeeded} succeeded, {took:?}",
+        cancelled.len()
+    );
+    let path = format!("/groups/{}", handle.id());
+    let view = poll_group(&cluster, &path, |v| v["done"] == json!(true)).await;
+    assert_eq!(view["policy"], json!("fail-fast"));
+    assert!(view["first_failure"]
+        .as_str()
+        .unwrap_or("")
+        .contains("member 20"));
+}
+
+/// A worker in this process running only kind `tally`, which records every input it runs on.
+async fn tally_worker(
+    cluster: &Cluster,
+    runs: Arc<Mutex<Vec<Value>>>,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let url = conveyor::BrokerUrl::parse(&cluster.url).expect("url");
+    let transport = conveyor::transport::connect(&url, &cluster.ns)
+        .await
+        .expect("connect");
+    let mut registry = Registry::new();
+    registry.register(
+        "tally",
+        handler_fn(move |input: Value, _: JobContext| {
+            let runs = runs.clone();
+            async move {
+                runs.lock()
+                    .map_err(|_| JobError::retry("poisoned"))?
+                    .push(input);
+                Ok::<_, JobError>(json!({"tallied": true}))
+            }
+        }),
+    );
+    let stop = CancellationToken::new();
+    let config = WorkerConfig {
+        kinds: Some(vec!["tally".into()]),
+        ..test_worker_config()
+    };
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        let _ =
+            conveyor::worker::run(transport, registry, config, s, CancellationToken::new()).await;
+    });
+    (stop, task)
+}
+
+async fn chord_callback_runs_once_through_an_aggregator_kill(broker: Broker) {
+    let (cluster, mut procs) =
+        two_workers(broker, &["--concurrency", "4", "--kinds", "sleep"]).await;
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let (stop_tally, tally) = tally_worker(&cluster, runs.clone()).await;
+    let client = cluster.client().await;
+    let n = 400;
+    let inputs = (0..n).map(|i| json!({"ms": 40 + i % 7}));
+    let chord = Chord::new(Group::of("sleep", inputs), "tally");
+    let mut waiter = client.waiter().await.expect("waiter");
+    let (group, mut specs) = chord.specs(Some(waiter.address())).expect("specs");
+    // The last member twice, published at once: two deliveries of it (RabbitMQ; JetStream
+    // drops the copy by its id).
+    specs.push(specs[n - 1].clone());
+    let publishing = common::cluster::publish_all(&client, specs);
+    let path = format!("/groups/{group}");
+    let killing = async {
+        // Killed once some members are recorded, long before all are.
+        let view = poll_group(&cluster, &path, |v| v["succeeded"].as_u64() >= Some(40)).await;
+        procs[0].kill9();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (view, cluster.aggregator("aggregator-2").await)
+    };
+    let (_, (at_kill, restarted)) = tokio::join!(publishing, killing);
+    procs.push(restarted);
+    assert!(
+        at_kill["succeeded"].as_u64() < Some(n as u64 / 2),
+        "killed mid-way: {}",
+        at_kill["succeeded"]
+    );
+    let callback = conveyor::workflow::callback_id(&group);
+    let r = waiter
+        .wait_match(WAIT, |r| r.id == callback)
+        .await
+        .expect("the callback's result");
+    assert!(r.succeeded(), "{r:?}");
+    assert_eq!(r.output, json!({"tallied": true}));
+    // Time for a second run to show up, if there were one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let runs = runs.lock().expect("runs").clone();
+    assert_eq!(runs.len(), 1, "the callback ran once");
+    let expected: Vec<Value> = (0..n).map(|i| json!({"slept_ms": 40 + i % 7})).collect();
+    assert_eq!(runs[0], Value::Array(expected), "ordered member outputs");
+    let view = poll_group(&cluster, &path, |v| {
+        v["callback"]["state"] == json!("published")
+    })
+    .await;
+    assert_eq!(view["succeeded"], json!(n));
+    let (code, rec) = http_get(cluster.http, &format!("/jobs/{callback}")).await;
+    assert_eq!((code, rec["status"].clone()), (200, json!("succeeded")));
+    stop_tally.cancel();
+    let _ = tally.await;
+}
+
+/// Runs `conveyor-producer watch --json` until it printed `count` events; returns them.
+fn spawn_watcher(cluster_url: &str, ns: &str, count: usize) -> std::process::Child {
+    let mut child = std::process::Command::new(common::bin("conveyor-producer"))
+        .args([
+            "--broker",
+            cluster_url,
+            "--namespace",
+            ns,
+            "watch",
+            "--json",
+        ])
+        .args(["--count", &count.to_string(), "--for", "60s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn watch");
+    // Subscribed once it says so.
+    let stderr = child.stderr.take().expect("stderr");
+    let mut line = String::new();
+    std::io::BufReader::new(stderr)
+        .read_line(&mut line)
+        .expect("watch says it is watching");
+    assert!(line.contains("watching"), "{line}");
+    child
+}
+
+async fn two_watchers_see_every_event_of_a_run(broker: Broker) {
+    let stack = Stack::start(broker, test_worker_config()).await;
+    let url = broker.url().expose().to_string();
+    // 20 echo jobs: published, started, succeeded. One fail job that succeeds on its second
+    // attempt: published, started, retrying, started, succeeded. One dead: published, started, dead.
+    let expected = 20 * 3 + 5 + 3;
+    let watchers: Vec<_> = (0..2)
+        .map(|_| spawn_watcher(&url, &stack.ns, expected))
+        .collect();
+    let mut specs: Vec<JobSpec> = (0..20).map(|i| JobSpec::new("echo", json!(i))).collect();
+    specs.push(JobSpec::new("fail", json!({"times": 1})).max_attempts(3));
+    specs.push(JobSpec::new("fail", json!({"times": -1})).max_attempts(1));
+    let ids = common::cluster::publish_all(&stack.client, specs).await;
+    let outputs: Vec<_> = tokio::task::spawn_blocking(move || {
+        watchers
+            .into_iter()
+            .map(|w| w.wait_with_output().expect("watch output"))
+            .collect()
+    })
+    .await
+    .expect("watchers");
+    let mut seen_by = Vec::new();
+    for out in &outputs {
+        let events: Vec<JobEvent> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an event per line"))
+            .collect();
+        let set: BTreeSet<(String, String, u32)> = events
+            .iter()
+            .map(|e| (e.id.clone(), e.state.clone(), e.attempt))
+            .collect();
+        assert_eq!(events.len(), expected, "{}", common::output_text(out));
+        assert_eq!(set.len(), expected, "no event twice");
+        seen_by.push(set);
+    }
+    assert_eq!(seen_by[0], seen_by[1], "both watchers saw the same events");
+    let states_of = |id: &str| -> Vec<String> {
+        let mut s: Vec<_> = seen_by[0]
+            .iter()
+            .filter(|(i, _, _)| i == id)
+            .map(|(_, s, a)| format!("{s}@{a}"))
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(
+        states_of(&ids[0]),
+        ["published@0", "started@1", "succeeded@1"]
+    );
+    assert_eq!(
+        states_of(&ids[20]),
+        [
+            "published@0",
+            "retrying@1",
+            "started@1",
+            "started@2",
+            "succeeded@2"
+        ]
+    );
+    assert_eq!(states_of(&ids[21]), ["dead@1", "published@0", "started@1"]);
+    stack.stop().await;
+}
