@@ -123,6 +123,20 @@ pub fn validate_kind(kind: &str) -> Result<()> {
     }
 }
 
+/// Checks a tee name: one word of letters, digits, `-` and `_`.
+pub fn validate_tee_name(name: &str) -> Result<()> {
+    validate_namespace(name).map_err(|_| {
+        Error::Config(format!(
+            "invalid tee name {name:?}: use letters, digits, '-' and '_'"
+        ))
+    })
+}
+
+/// The JetStream consumer of tee `name` of `kind`.
+pub fn tee_consumer_name(name: &str, kind: &str) -> String {
+    format!("tee={name}={}", kind.replace('.', "="))
+}
+
 /// Checks a namespace: one word of letters, digits, `-` and `_`.
 pub fn validate_namespace(ns: &str) -> Result<()> {
     let ok = !ns.is_empty()
@@ -176,6 +190,15 @@ impl Names {
     /// `<ns>.control.cancel`.
     pub fn cancel_subject(&self) -> String {
         format!("{}.control.cancel", self.ns)
+    }
+    /// `<ns>.tee.<kind>`: NATS subject where the jobs stream republishes each stored job once a
+    /// tee exists.
+    pub fn tee_subject(&self, kind: &str) -> String {
+        format!("{}.tee.{kind}", self.ns)
+    }
+    /// AMQP queue of tee `name` of `kind`: `<ns>.tee.<name>.<kind>`.
+    pub fn tee_queue(&self, name: &str, kind: &str) -> String {
+        format!("{}.tee.{name}.{kind}", self.ns)
     }
     /// Stream name for a class of subjects: `CONVEYOR_JOBS` for namespace `conveyor`.
     pub fn stream(&self, class: &str) -> String {

@@ -22,6 +22,7 @@ both_brokers!(
     fail_fast_group_cancels_the_members_not_finished,
     chord_callback_runs_once_through_an_aggregator_kill,
     two_watchers_see_every_event_of_a_run,
+    a_tee_copies_jobs_without_taking_or_stalling_work,
 );
 
 const SHA_ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
@@ -366,4 +367,80 @@ async fn two_watchers_see_every_event_of_a_run(broker: Broker) {
     );
     assert_eq!(states_of(&ids[21]), ["dead@1", "published@0", "started@1"]);
     stack.stop().await;
+}
+
+async fn a_tee_copies_jobs_without_taking_or_stalling_work(broker: Broker) {
+    use conveyor::transport::{ConsumeOptions, Source};
+    let stack = Stack::start(broker, test_worker_config()).await;
+    let url = broker.url();
+    let t = conveyor::transport::connect(&url, &stack.ns)
+        .await
+        .expect("connect");
+    // A tee that never reads: opened, never polled. Its backlog is bounded at 100.
+    let bound = 100;
+    let idle = t
+        .consume(
+            Source::Tee {
+                kind: "echo".into(),
+                name: "idle".into(),
+                backlog: bound,
+            },
+            ConsumeOptions {
+                prefetch: 10,
+                ..ConsumeOptions::default()
+            },
+        )
+        .await
+        .expect("tee opens");
+    // A tee that reads: the CLI, for 300 copies.
+    let expose = url.expose().to_string();
+    let mut reader = std::process::Command::new(common::bin("conveyor-producer"))
+        .args(["--broker", &expose, "--namespace", &stack.ns])
+        .args(["tee", "echo", "--name", "audit", "--backlog", "100"])
+        .args(["--count", "300", "--for", "60s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tee");
+    let mut said = String::new();
+    std::io::BufReader::new(reader.stderr.take().expect("stderr"))
+        .read_line(&mut said)
+        .expect("tee says it is copying");
+    assert!(said.contains("copying"), "{said}");
+
+    let specs: Vec<JobSpec> = (0..1000)
+        .map(|i| JobSpec::new("echo", json!({"n": i})))
+        .collect();
+    let ids = common::cluster::publish_all(&stack.client, specs).await;
+    // Every job ran: the tees took none and the idle one stalled nothing.
+    let stats = common::wait_for_results(stack.http, 1000, WAIT).await;
+    let out = tokio::task::spawn_blocking(move || reader.wait_with_output())
+        .await
+        .expect("join")
+        .expect("tee output");
+    let backlog = t.tee_backlog("echo", "idle").await.expect("backlog");
+    drop(idle);
+    for name in ["idle", "audit"] {
+        t.delete_tee("echo", name).await.expect("delete tee");
+    }
+    let _ = t.close().await;
+
+    assert_eq!(stats["results"], json!(1000), "{stats}");
+    assert_eq!(stats["by_status"]["succeeded"], json!(1000), "{stats}");
+    let copies: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a copy per line"))
+        .collect();
+    assert_eq!(copies.len(), 300);
+    let published: BTreeSet<&String> = ids.iter().collect();
+    for c in &copies {
+        let id = c["id"].as_str().unwrap_or("").to_string();
+        assert!(published.contains(&id), "a copy of a published job: {c}");
+        assert_eq!(c["kind"], json!("echo"));
+        assert!(c["input"]["n"].is_u64(), "{c}");
+    }
+    assert!(
+        backlog > 0 && backlog <= bound + 10,
+        "the idle tee holds copies, within its bound (+ prefetch): {backlog}"
+    );
 }

@@ -7,6 +7,7 @@
 
 mod bench_cmd;
 mod publish;
+mod tee_cmd;
 mod watch_cmd;
 mod workers_cmd;
 mod workflow_cmd;
@@ -38,6 +39,9 @@ enum Command {
     Chain(workflow_cmd::ChainArgs),
     /// Publish a group of jobs of one kind (a chord with --callback), tracked as one.
     Group(workflow_cmd::GroupArgs),
+    /// Receive a copy of every job of a kind (audit, shadow traffic) without taking any from the
+    /// workers.
+    Tee(tee_cmd::TeeArgs),
     /// Print job lifecycle events live, one line each.
     Watch(watch_cmd::WatchArgs),
     /// List the live workers, from their heartbeats.
@@ -87,6 +91,7 @@ async fn main() -> std::process::ExitCode {
         Command::Bench(b) => bench_cmd::run(&url, ns, b).await,
         Command::Chain(c) => workflow_cmd::chain(&url, ns, c).await,
         Command::Group(g) => workflow_cmd::group(&url, ns, g).await,
+        Command::Tee(t) => tee_cmd::run(&url, ns, t).await,
         Command::Watch(w) => watch_cmd::run(&url, ns, w).await,
         Command::Workers(w) => workers_cmd::run(&url, ns, w).await,
         Command::DeleteNamespace(d) => delete_namespace(&url, ns, d).await,

@@ -40,6 +40,19 @@ pub enum Source {
     Results(String),
     /// All dead letters, for the named reader.
     Dead(String),
+    /// A copy of every job of `kind` published from the moment the tee exists, for the tee
+    /// `name` (audit, shadow traffic). Workers are unaffected: the copies wait in a backlog of
+    /// their own, of at most `backlog` messages, where the oldest copy is dropped for a new one.
+    /// Kept while nobody reads it unless [`ConsumeOptions::ephemeral`]. Settling a copy never
+    /// touches the job itself.
+    Tee {
+        /// Job kind.
+        kind: String,
+        /// The tee's name (letters, digits, `-`, `_`).
+        name: String,
+        /// Most copies waiting.
+        backlog: u64,
+    },
 }
 
 /// Settles one delivery with the broker. Implemented by each adapter.
@@ -201,6 +214,13 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Receives the control messages sent from now on.
     async fn listen_control(&self) -> Result<MessageStream>;
+
+    /// Copies waiting in tee `name` of `kind` (delivered and unsettled ones included where the
+    /// broker counts them).
+    async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64>;
+
+    /// Removes tee `name` of `kind` and the copies in it.
+    async fn delete_tee(&self, kind: &str, name: &str) -> Result<()>;
 
     /// Settles everything in flight and closes the connection cleanly.
     async fn close(&self) -> Result<()>;

@@ -592,6 +592,24 @@ impl Inner {
                 self.declare_bound(&binding).await?;
                 q
             }
+            Source::Tee {
+                kind,
+                name,
+                backlog,
+            } => {
+                crate::protocol::validate_kind(kind)?;
+                crate::protocol::validate_tee_name(name)?;
+                let queue = n.tee_queue(name, kind);
+                self.declare_bound(&tee_binding(
+                    queue.clone(),
+                    n.exchange("jobs"),
+                    kind,
+                    *backlog,
+                    opts.ephemeral,
+                ))
+                .await?;
+                queue
+            }
         };
         self.consume_queue(queue, opts, false).await
     }
@@ -629,6 +647,39 @@ impl Inner {
         channels.push((ch.clone(), opts.prefetch.max(1)));
         drop(channels);
         Ok((ch, consumer))
+    }
+}
+
+/// A tee's queue: bound to the jobs exchange with the kind, at most `backlog` copies with the
+/// oldest dropped first (`drop-head`: publishers are never refused or slowed by it). Classic, as
+/// a copy needs no replication; durable unless `ephemeral`, which goes with its reader.
+fn tee_binding(
+    queue: String,
+    exchange: String,
+    kind: &str,
+    backlog: u64,
+    ephemeral: bool,
+) -> Binding {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(i64::try_from(backlog.max(1)).unwrap_or(i64::MAX)),
+    );
+    args.insert("x-overflow".into(), long("drop-head"));
+    args.insert("x-queue-type".into(), long("classic"));
+    let options = if ephemeral {
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        }
+    } else {
+        durable()
+    };
+    Binding {
+        args,
+        options,
+        ..Binding::new(queue, exchange, kind)
     }
 }
 
@@ -838,6 +889,35 @@ impl Transport for AmqpTransport {
 
     async fn listen_events(&self, pattern: &str) -> Result<MessageStream> {
         self.listen(pattern).await
+    }
+
+    async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64> {
+        let queue = self.inner.names.tee_queue(name, kind);
+        let ch = self.inner.channel().await?;
+        let q = ch
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("tee backlog", e))?;
+        let _ = ch.close(200, "checked".into()).await;
+        Ok(u64::from(q.message_count()))
+    }
+
+    async fn delete_tee(&self, kind: &str, name: &str) -> Result<()> {
+        use lapin::options::QueueDeleteOptions;
+        let queue = self.inner.names.tee_queue(name, kind);
+        let ch = self.inner.channel().await?;
+        ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(|e| amqp_error("delete tee", e))?;
+        let _ = ch.close(200, "deleted".into()).await;
+        Ok(())
     }
 
     async fn send_control(&self, msg: Message) -> Result<()> {

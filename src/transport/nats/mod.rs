@@ -153,7 +153,11 @@ impl NatsTransport {
                 Duration::from_secs(30 * 86_400),
             ),
         ];
+        let jobs = n.stream("jobs");
         for (name, subject, retention, max_age) in streams {
+            // The jobs stream republishes every stored job for tees (a stream's republish can
+            // only be set when it is created); with no tee, nothing listens and nothing is kept.
+            let republish = (name == jobs).then(|| self.tee_republish());
             self.js
                 .get_or_create_stream(stream::Config {
                     name,
@@ -162,10 +166,78 @@ impl NatsTransport {
                     max_age,
                     storage: stream::StorageType::File,
                     duplicate_window: DUPLICATE_WINDOW,
+                    republish,
                     ..Default::default()
                 })
                 .await
                 .map_err(|e| Error::broker("declare stream", e))?;
+        }
+        Ok(())
+    }
+
+    /// Where the jobs stream republishes each stored job: `<ns>.jobs.<kind>` → `<ns>.tee.<kind>`.
+    fn tee_republish(&self) -> stream::Republish {
+        let ns = self.names.namespace();
+        stream::Republish {
+            source: format!("{ns}.jobs.>"),
+            destination: format!("{ns}.tee.>"),
+            headers_only: false,
+        }
+    }
+
+    /// Declares `<NS>_TEE` on the subjects the jobs stream republishes to, with interest
+    /// retention (a copy stays until every tee of its kind has it, and none is kept for a kind
+    /// without a tee) and at most `backlog` copies per kind, the oldest dropped first. JetStream
+    /// bounds a stream, not a consumer: the tees of a namespace share the bound, and the tee
+    /// opened last sets it.
+    async fn declare_tee(&self, backlog: u64) -> Result<()> {
+        let n = &self.names;
+        let ns = n.namespace();
+        let mut jobs = self
+            .js
+            .get_stream(n.stream("jobs"))
+            .await
+            .map_err(|e| Error::broker("get stream", e))?;
+        let config = jobs
+            .info()
+            .await
+            .map_err(|e| Error::broker("stream info", e))?
+            .config
+            .clone();
+        if config.republish.as_ref() != Some(&self.tee_republish()) {
+            return Err(Error::Config(format!(
+                "stream {} was created without republishing jobs for tees, and NATS cannot add                  that to an existing stream: recreate the namespace (conveyor-producer                  delete-namespace) to use tees",
+                config.name
+            )));
+        }
+        let max_per_kind = i64::try_from(backlog.max(1)).unwrap_or(i64::MAX);
+        let tee_config = stream::Config {
+            name: n.stream("tee"),
+            subjects: vec![format!("{ns}.tee.>")],
+            retention: stream::RetentionPolicy::Interest,
+            max_messages_per_subject: max_per_kind,
+            discard: stream::DiscardPolicy::Old,
+            storage: stream::StorageType::File,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        };
+        // The tee stream first, so that no republished job finds no stream.
+        let mut tee = self
+            .js
+            .get_or_create_stream(tee_config.clone())
+            .await
+            .map_err(|e| Error::broker("declare stream", e))?;
+        let current = tee
+            .info()
+            .await
+            .map_err(|e| Error::broker("stream info", e))?
+            .config
+            .max_messages_per_subject;
+        if current != max_per_kind {
+            self.js
+                .update_stream(tee_config)
+                .await
+                .map_err(|e| Error::broker("update stream", e))?;
         }
         Ok(())
     }
@@ -414,7 +486,56 @@ impl Transport for NatsTransport {
                 self.pull(n.stream("dead"), group, format!("{ns}.dead.>"), opts)
                     .await
             }
+            Source::Tee {
+                kind,
+                name,
+                backlog,
+            } => {
+                crate::protocol::validate_kind(&kind)?;
+                crate::protocol::validate_tee_name(&name)?;
+                self.declare_tee(backlog).await?;
+                self.pull(
+                    n.stream("tee"),
+                    crate::protocol::tee_consumer_name(&name, &kind),
+                    n.tee_subject(&kind),
+                    opts,
+                )
+                .await
+            }
         }
+    }
+
+    async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64> {
+        let stream = self
+            .js
+            .get_stream(self.names.stream("tee"))
+            .await
+            .map_err(|e| Error::broker("get stream", e))?;
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(&crate::protocol::tee_consumer_name(name, kind))
+            .await
+            .map_err(|cause| Error::Broker {
+                op: "get consumer",
+                cause,
+            })?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| Error::broker("consumer info", e))?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+
+    async fn delete_tee(&self, kind: &str, name: &str) -> Result<()> {
+        let stream = self
+            .js
+            .get_stream(self.names.stream("tee"))
+            .await
+            .map_err(|e| Error::broker("get stream", e))?;
+        stream
+            .delete_consumer(&crate::protocol::tee_consumer_name(name, kind))
+            .await
+            .map_err(|e| Error::broker("delete consumer", e))?;
+        Ok(())
     }
 
     async fn reply_inbox(&self) -> Result<(String, MessageStream)> {
@@ -478,7 +599,7 @@ impl Transport for NatsTransport {
     }
 
     async fn delete_namespace(&self, _kinds: &[String]) -> Result<()> {
-        for class in ["jobs", "results", "dead"] {
+        for class in ["jobs", "results", "dead", "tee"] {
             let name = self.names.stream(class);
             match self.js.delete_stream(&name).await {
                 Ok(_) => {}
