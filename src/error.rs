@@ -50,6 +50,9 @@ pub enum Error {
     /// Input/output error (files, sockets).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// A job of a workflow (a MapReduce stage, say) did not succeed.
+    #[error("workflow failed: {0}")]
+    Workflow(String),
     /// The operation stopped because shutdown was requested.
     #[error("shutting down")]
     Shutdown,

@@ -6,6 +6,7 @@
 //! already confirmed stay in the broker.
 
 mod bench_cmd;
+mod mapreduce_cmd;
 mod publish;
 mod tee_cmd;
 mod watch_cmd;
@@ -42,6 +43,8 @@ enum Command {
     /// Receive a copy of every job of a kind (audit, shadow traffic) without taking any from the
     /// workers.
     Tee(tee_cmd::TeeArgs),
+    /// Run a MapReduce job (wordcount) over the workers, or benchmark it with --bench.
+    Mapreduce(mapreduce_cmd::MapReduceArgs),
     /// Print job lifecycle events live, one line each.
     Watch(watch_cmd::WatchArgs),
     /// List the live workers, from their heartbeats.
@@ -92,6 +95,7 @@ async fn main() -> std::process::ExitCode {
         Command::Chain(c) => workflow_cmd::chain(&url, ns, c).await,
         Command::Group(g) => workflow_cmd::group(&url, ns, g).await,
         Command::Tee(t) => tee_cmd::run(&url, ns, t).await,
+        Command::Mapreduce(m) => mapreduce_cmd::run(&url, ns, m).await,
         Command::Watch(w) => watch_cmd::run(&url, ns, w).await,
         Command::Workers(w) => workers_cmd::run(&url, ns, w).await,
         Command::DeleteNamespace(d) => delete_namespace(&url, ns, d).await,

@@ -150,20 +150,46 @@ pub fn count_words(text: &str, counts: &mut BTreeMap<String, u64>) {
 #[serde(untagged)]
 enum MapIn {
     Text(String),
-    Chunk { text: String },
+    Chunk {
+        text: String,
+        #[serde(default)]
+        partitions: Option<u32>,
+    },
 }
 
-async fn wordcount_map(input: MapIn, _: JobContext) -> Result<BTreeMap<String, u64>, JobError> {
-    let text = match input {
-        MapIn::Text(t) | MapIn::Chunk { text: t } => t,
+/// Most partitions a map job may split its counts into.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// Counts the words of a chunk. With `partitions: R` the output is R objects, word `w` in
+/// object [`crate::workflow::mapreduce::partition_of`]`(w, R)` (the shuffle's key partitioning).
+async fn wordcount_map(input: MapIn, _: JobContext) -> Result<Value, JobError> {
+    let (text, partitions) = match input {
+        MapIn::Text(t) => (t, None),
+        MapIn::Chunk { text, partitions } => (text, partitions),
     };
+    if partitions.is_some_and(|r| r == 0 || r > MAX_PARTITIONS) {
+        return Err(JobError::permanent(format!(
+            "partitions must be 1 to {MAX_PARTITIONS}"
+        )));
+    }
     tokio::task::spawn_blocking(move || {
         let mut counts = BTreeMap::new();
         count_words(&text, &mut counts);
-        counts
+        match partitions {
+            None => serde_json::to_value(counts),
+            Some(r) => {
+                let mut parts: Vec<BTreeMap<String, u64>> = vec![BTreeMap::new(); r as usize];
+                for (word, n) in counts {
+                    let p = crate::workflow::mapreduce::partition_of(&word, r) as usize;
+                    parts[p].insert(word, n);
+                }
+                serde_json::to_value(parts)
+            }
+        }
     })
     .await
-    .map_err(|e| JobError::retry(format!("map task failed: {e}")))
+    .map_err(|e| JobError::retry(format!("map task failed: {e}")))?
+    .map_err(|e| JobError::permanent(format!("map output: {e}")))
 }
 
 #[derive(Deserialize)]

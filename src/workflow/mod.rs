@@ -14,6 +14,7 @@
 //!   members' outputs in member order as its input.
 
 pub mod handle;
+pub mod mapreduce;
 
 use crate::codec::Codec;
 use crate::error::{Error, Result};
