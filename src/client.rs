@@ -8,6 +8,7 @@ use crate::job::JobSpec;
 use crate::protocol::header;
 use crate::result::JobResult;
 use crate::transport::{self, publish_retrying, MessageStream, Route, Transport};
+pub use crate::worker::cancel::CancelRequest;
 use crate::workflow::{Handle, Submission};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
@@ -105,6 +106,13 @@ impl Client {
         crate::workflow::handle::submit(self, what.into()).await
     }
 
+    /// Asks every worker to cancel what `request` names (jobs, a group's members, a chain's
+    /// steps): running ones get their cancellation token fired, queued ones end `cancelled` when
+    /// they come up, also on workers that start within the hour. Returns once the broker has it.
+    pub async fn cancel(&self, request: &CancelRequest) -> Result<()> {
+        publish_control(self.transport.as_ref(), request).await
+    }
+
     /// Publishes a job and waits for its final result (publish-and-wait).
     pub async fn call(&self, spec: JobSpec, timeout: Duration) -> Result<JobResult> {
         let mut waiter = self.waiter().await?;
@@ -122,6 +130,22 @@ impl Client {
     pub async fn close(&self) -> Result<()> {
         self.events.flush(Duration::from_secs(2)).await;
         self.transport.close().await
+    }
+}
+
+/// Sends a cancel request, retrying transient failures.
+async fn publish_control(transport: &dyn Transport, request: &CancelRequest) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + PUBLISH_PATIENCE;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match transport.send_control(request.to_message()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() && tokio::time::Instant::now() + wait < deadline => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -123,6 +123,10 @@ pub fn validate_kind(kind: &str) -> Result<()> {
     }
 }
 
+/// How long the broker keeps cancel requests for workers that start later (and how long a
+/// worker remembers one).
+pub const CONTROL_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Checks a tee name: one word of letters, digits, `-` and `_`.
 pub fn validate_tee_name(name: &str) -> Result<()> {
     validate_namespace(name).map_err(|_| {
@@ -231,6 +235,10 @@ impl Names {
     /// AMQP queue the aggregator consumes results from.
     pub fn results_queue(&self) -> String {
         format!("{}.results", self.ns)
+    }
+    /// AMQP stream queue that keeps the cancel requests of the last hour.
+    pub fn control_log(&self) -> String {
+        format!("{}.control.log", self.ns)
     }
     /// AMQP queue that keeps dead letters.
     pub fn dead_queue(&self) -> String {

@@ -6,6 +6,7 @@
 //! already confirmed stay in the broker.
 
 mod bench_cmd;
+mod cancel_cmd;
 mod mapreduce_cmd;
 mod publish;
 mod tee_cmd;
@@ -36,6 +37,8 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Measure end-to-end throughput and latency next to the raw broker.
     Bench(bench_cmd::BenchArgs),
+    /// Cancel jobs, a group's members or a chain's steps, on every worker.
+    Cancel(cancel_cmd::CancelArgs),
     /// Publish a chain: each step's output is the next step's input.
     Chain(workflow_cmd::ChainArgs),
     /// Publish a group of jobs of one kind (a chord with --callback), tracked as one.
@@ -92,6 +95,7 @@ async fn main() -> std::process::ExitCode {
     let outcome = match args.command {
         Command::Publish(p) => publish::run(&url, ns, p).await,
         Command::Bench(b) => bench_cmd::run(&url, ns, b).await,
+        Command::Cancel(c) => cancel_cmd::run(&url, ns, c).await,
         Command::Chain(c) => workflow_cmd::chain(&url, ns, c).await,
         Command::Group(g) => workflow_cmd::group(&url, ns, g).await,
         Command::Tee(t) => tee_cmd::run(&url, ns, t).await,

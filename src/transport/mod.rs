@@ -212,8 +212,9 @@ pub trait Transport: Send + Sync + 'static {
     /// `<ns>.control.cancel`, RabbitMQ fanout exchange `<ns>.control` (confirmed). Not stored.
     async fn send_control(&self, msg: Message) -> Result<()>;
 
-    /// Receives the control messages sent from now on.
-    async fn listen_control(&self) -> Result<MessageStream>;
+    /// Receives the control messages the broker keeps (the last hour's), then those sent from
+    /// now on. Also returns how many were kept when it subscribed: the stream's first messages.
+    async fn listen_control(&self) -> Result<(u64, MessageStream)>;
 
     /// Copies waiting in tee `name` of `kind` (delivered and unsettled ones included where the
     /// broker counts them).

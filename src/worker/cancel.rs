@@ -1,11 +1,11 @@
-//! Cancel requests as a worker sees them: `{"id": "<job id>"}`, `{"ids": [...]}` or
-//! `{"group": "<group id>"}` on the control subject/exchange. A running job's token is cancelled;
+//! Cancel requests as a worker sees them: `{"id": "<job id>"}`, `{"ids": [...]}`,
+//! `{"group": "<group id>"}` or `{"chain": "<chain id>"}` on the control subject/exchange. A running job's token is cancelled;
 //! an id or group that is not running yet is remembered (bounded in count and time), so its jobs
 //! end `cancelled` without running when they come up.
 
 use crate::message::{Headers, Message};
 use crate::protocol::header;
-use crate::transport::Transport;
+use crate::transport::{MessageStream, Transport};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
@@ -25,6 +25,9 @@ pub struct CancelRequest {
     /// Every member of a group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Every step of a chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
     /// Why (shown in the `cancelled` result).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -48,6 +51,22 @@ impl CancelRequest {
         }
     }
 
+    /// Cancels the steps of a chain that have not finished.
+    pub fn chain(id: impl Into<String>) -> Self {
+        CancelRequest {
+            chain: Some(id.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Cancels jobs.
+    pub fn jobs(ids: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        CancelRequest {
+            ids: ids.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+
     /// Encodes the request.
     pub fn to_message(&self) -> Message {
         let h = Headers::new().with(header::CONTENT_TYPE, "application/json");
@@ -60,7 +79,7 @@ impl CancelRequest {
 }
 
 /// How long a cancelled id or group is remembered, and how many at most.
-const REMEMBER_FOR: Duration = Duration::from_secs(3600);
+const REMEMBER_FOR: Duration = crate::protocol::CONTROL_RETENTION;
 const REMEMBER_AT_MOST: usize = 100_000;
 
 /// Ids remembered for a bounded time, oldest forgotten first.
@@ -106,6 +125,7 @@ impl Remembered {
 struct Running {
     id: String,
     group: Option<String>,
+    chain: Option<String>,
     token: CancellationToken,
     reason: Arc<Mutex<Option<String>>>,
 }
@@ -116,6 +136,28 @@ struct State {
     running: HashMap<u64, Running>,
     ids: Remembered,
     groups: Remembered,
+    chains: Remembered,
+}
+
+impl State {
+    fn earlier(&self, job: &JobKeys<'_>) -> Option<String> {
+        self.ids
+            .get(job.id)
+            .or_else(|| job.group.and_then(|g| self.groups.get(g)))
+            .or_else(|| job.chain.and_then(|c| self.chains.get(c)))
+            .cloned()
+    }
+}
+
+/// What a cancel request can name a job by.
+#[derive(Debug, Clone, Copy)]
+pub struct JobKeys<'a> {
+    /// Job id.
+    pub id: &'a str,
+    /// Its group.
+    pub group: Option<&'a str>,
+    /// Its chain.
+    pub chain: Option<&'a str>,
 }
 
 /// The cancel state of one worker. Cheap to share.
@@ -172,10 +214,14 @@ impl Cancels {
         if let Some(g) = &req.group {
             s.groups.insert(g, &reason);
         }
+        if let Some(c) = &req.chain {
+            s.chains.insert(c, &reason);
+        }
         let mut cancelled = 0;
         for r in s.running.values() {
             let named = req.job_ids().any(|id| *id == r.id)
-                || (req.group.is_some() && r.group == req.group);
+                || (req.group.is_some() && r.group == req.group)
+                || (req.chain.is_some() && r.chain == req.chain);
             if named && !r.token.is_cancelled() {
                 *r.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
                 r.token.cancel();
@@ -185,26 +231,18 @@ impl Cancels {
         cancelled
     }
 
-    /// Why job `id` (of `group`) is cancelled, if it is.
-    pub fn cancelled(&self, id: &str, group: Option<&str>) -> Option<String> {
-        let s = self.lock();
-        s.ids
-            .get(id)
-            .or_else(|| group.and_then(|g| s.groups.get(g)))
-            .cloned()
+    /// Why the job is cancelled, if it is.
+    pub fn cancelled(&self, job: JobKeys<'_>) -> Option<String> {
+        self.lock().earlier(&job)
     }
 
     /// Registers a job that is about to run. Its token is already cancelled when a request named
     /// it before.
-    pub fn track(self: &Arc<Self>, id: &str, group: Option<&str>) -> Tracked {
+    pub fn track(self: &Arc<Self>, job: JobKeys<'_>) -> Tracked {
         let token = CancellationToken::new();
         let reason = Arc::new(Mutex::new(None));
         let mut s = self.lock();
-        let earlier = s
-            .ids
-            .get(id)
-            .or_else(|| group.and_then(|g| s.groups.get(g)))
-            .cloned();
+        let earlier = s.earlier(&job);
         if let Some(why) = earlier {
             *reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
             token.cancel();
@@ -214,8 +252,9 @@ impl Cancels {
         s.running.insert(
             key,
             Running {
-                id: id.to_string(),
-                group: group.map(str::to_string),
+                id: job.id.to_string(),
+                group: job.group.map(str::to_string),
+                chain: job.chain.map(str::to_string),
                 token: token.clone(),
                 reason: reason.clone(),
             },
@@ -229,23 +268,68 @@ impl Cancels {
     }
 }
 
-/// Listens to cancel requests until `stop`, listening again when the subscription ends.
-pub async fn listen(transport: Arc<dyn Transport>, cancels: Arc<Cancels>, stop: CancellationToken) {
+fn apply(cancels: &Cancels, msg: &Message) {
+    match serde_json::from_slice::<CancelRequest>(&msg.body) {
+        Ok(req) => {
+            let n = cancels.apply(&req);
+            tracing::debug!(?req, running_cancelled = n, "cancel request");
+        }
+        Err(e) => tracing::warn!(error = %e, "unreadable control message"),
+    }
+}
+
+/// How long a starting worker reads the kept cancel requests before it takes jobs anyway.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+/// Subscribes to cancel requests and applies the ones the broker kept, before the worker takes
+/// its first job (so that a job cancelled before this worker started does not run). Returns the
+/// subscription, which goes on with new requests.
+pub async fn catch_up(transport: &dyn Transport, cancels: &Cancels) -> Option<MessageStream> {
+    let (kept, mut requests) = match transport.listen_control().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read cancel requests yet");
+            return None;
+        }
+    };
+    let read = async {
+        for _ in 0..kept {
+            match requests.next().await {
+                Some(msg) => apply(cancels, &msg),
+                None => break,
+            }
+        }
+    };
+    if tokio::time::timeout(CATCH_UP, read).await.is_err() {
+        tracing::warn!(
+            kept,
+            "reading the kept cancel requests took over {CATCH_UP:?}; going on"
+        );
+    }
+    Some(requests)
+}
+
+/// Follows cancel requests (starting with `first`, from [`catch_up`]) until `stop`, listening
+/// again (and replaying what is kept) when the subscription ends.
+pub async fn listen(
+    transport: Arc<dyn Transport>,
+    cancels: Arc<Cancels>,
+    mut first: Option<MessageStream>,
+    stop: CancellationToken,
+) {
     loop {
-        match transport.listen_control().await {
+        let subscribed = match first.take() {
+            Some(s) => Ok(s),
+            None => transport.listen_control().await.map(|(_, s)| s),
+        };
+        match subscribed {
             Ok(mut requests) => loop {
                 let msg = tokio::select! {
                     _ = stop.cancelled() => return,
                     m = requests.next() => m,
                 };
                 let Some(msg) = msg else { break };
-                match serde_json::from_slice::<CancelRequest>(&msg.body) {
-                    Ok(req) => {
-                        let n = cancels.apply(&req);
-                        tracing::info!(?req, running_cancelled = n, "cancel request");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "unreadable control message"),
-                }
+                apply(&cancels, &msg);
             },
             Err(e) => tracing::warn!(error = %e, "cannot listen to cancel requests yet"),
         }
@@ -263,17 +347,22 @@ mod tests {
     #[test]
     fn running_jobs_are_cancelled_and_later_ones_remembered() {
         let c = Arc::new(Cancels::default());
-        let a = c.track("a", Some("g"));
-        let b = c.track("b", None);
+        let keys = |id, group| JobKeys {
+            id,
+            group,
+            chain: None,
+        };
+        let a = c.track(keys("a", Some("g")));
+        let b = c.track(keys("b", None));
         assert_eq!(c.apply(&CancelRequest::group("g", "member 2 failed")), 1);
         assert!(a.token.is_cancelled());
         assert_eq!(a.reason(), "member 2 failed");
         assert!(!b.token.is_cancelled());
         // A member that comes up later is cancelled before it runs.
-        let late = c.track("c", Some("g"));
+        let late = c.track(keys("c", Some("g")));
         assert!(late.token.is_cancelled());
         assert_eq!(
-            c.cancelled("zzz", Some("g")).as_deref(),
+            c.cancelled(keys("zzz", Some("g"))).as_deref(),
             Some("member 2 failed")
         );
         assert_eq!(c.apply(&CancelRequest::job("b")), 1);
@@ -281,10 +370,28 @@ mod tests {
         drop((a, b, late));
         assert!(c.lock().running.is_empty());
         assert_eq!(
-            c.cancelled("b", None).as_deref(),
+            c.cancelled(keys("b", None)).as_deref(),
             Some("cancelled on request")
         );
-        assert_eq!(c.cancelled("other", None), None);
+        assert_eq!(c.cancelled(keys("other", None)), None);
+    }
+
+    #[test]
+    fn a_chain_cancel_reaches_its_later_steps() {
+        let c = Arc::new(Cancels::default());
+        c.apply(&CancelRequest::chain("c1"));
+        let step = c.track(JobKeys {
+            id: "c1.2",
+            group: None,
+            chain: Some("c1"),
+        });
+        assert!(step.token.is_cancelled());
+        let other = c.track(JobKeys {
+            id: "c2.0",
+            group: None,
+            chain: Some("c2"),
+        });
+        assert!(!other.token.is_cancelled());
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod builtin;
 pub mod cancel;
 pub mod heartbeat;
+pub mod limits;
 pub mod process;
 pub mod registry;
 
@@ -42,6 +43,8 @@ pub struct WorkerConfig {
     pub timeout_grace: Duration,
     /// Deadline of each attempt per kind, for jobs without `Conveyor-Timeout-Ms`.
     pub kind_timeouts: HashMap<String, Duration>,
+    /// Concurrency and rate limits per kind.
+    pub kind_limits: HashMap<String, limits::KindLimits>,
     /// Retry delays.
     pub backoff: Backoff,
     /// Name on results (`Conveyor-Worker`) and heartbeats.
@@ -62,6 +65,7 @@ impl Default for WorkerConfig {
             lease: Duration::from_secs(30),
             timeout_grace: process::DEFAULT_TIMEOUT_GRACE,
             kind_timeouts: HashMap::new(),
+            kind_limits: HashMap::new(),
             backoff: Backoff::default(),
             worker_id: default_worker_id(),
             heartbeat: Duration::from_secs(5),
@@ -172,18 +176,34 @@ pub async fn run(
         ephemeral: false,
         cumulative: false,
     };
+    let mut gates = limits::Gates::new();
+    for (kind, l) in &config.kind_limits {
+        if registry.get(kind).is_none() {
+            return Err(Error::Config(format!(
+                "a limit names kind {kind:?}, which this worker does not run (it runs {})",
+                registry.kinds().join(", ")
+            )));
+        }
+        gates.insert(kind.clone(), Arc::new(limits::Gate::new(l)?));
+    }
     let mut sources = Vec::new();
     for kind in registry.kinds() {
+        let gate = gates.get(&kind).cloned();
+        let opts = ConsumeOptions {
+            prefetch: gate.as_ref().map_or(prefetch, |g| g.prefetch(prefetch)),
+            ..opts
+        };
         sources.push((
             kind.clone(),
             transport.consume(Source::Kind(kind), opts).await?,
+            gate,
         ));
     }
     if config.kinds.is_none() {
         let unrouted = transport
             .consume(Source::Unrouted(registry.kinds()), opts)
             .await?;
-        sources.push(("(unrouted)".to_string(), unrouted));
+        sources.push(("(unrouted)".to_string(), unrouted, None));
     }
     tracing::info!(
         worker = %config.worker_id,
@@ -206,19 +226,22 @@ pub async fn run(
         cancels: Arc::default(),
     });
     let beating = CancellationToken::new();
+    let requests = cancel::catch_up(transport.as_ref(), &shared.cancels).await;
     let cancel_listener = tokio::spawn(cancel::listen(
         transport.clone(),
         shared.cancels.clone(),
+        requests,
         beating.clone(),
     ));
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
     let jobs = TaskTracker::new();
     let abandon = CancellationToken::new();
     let pumps = TaskTracker::new();
-    for (name, stream) in sources {
+    for (name, stream, gate) in sources {
         pumps.spawn(pump(
             name,
             stream,
+            gate,
             shared.clone(),
             permits.clone(),
             jobs.clone(),
@@ -239,6 +262,19 @@ pub async fn run(
         interval_ms: u64::try_from(shared.config.heartbeat.as_millis()).unwrap_or(u64::MAX),
         stopping: false,
     };
+    let sharing: Vec<(String, Arc<limits::Gate>)> = gates
+        .iter()
+        .filter(|(_, g)| g.has_global_rate())
+        .map(|(k, g)| (k.clone(), g.clone()))
+        .collect();
+    let share_task = (!sharing.is_empty()).then(|| {
+        tokio::spawn(heartbeat::share_rates(
+            transport.clone(),
+            sharing,
+            shared.config.worker_id.clone(),
+            beating.clone(),
+        ))
+    });
     let heart = tokio::spawn(heartbeat::run(
         transport.clone(),
         beat,
@@ -272,6 +308,9 @@ pub async fn run(
     beating.cancel();
     let _ = heart.await;
     let _ = cancel_listener.await;
+    if let Some(t) = share_task {
+        let _ = t.await;
+    }
     shared.events.flush(Duration::from_secs(2)).await;
     transport.close().await?;
     let c = &shared.counters;
@@ -291,10 +330,13 @@ pub async fn run(
     Ok(report)
 }
 
-/// Moves deliveries from one source into job tasks, one permit each.
+/// Moves deliveries from one source into job tasks, one permit each. A kind with limits passes
+/// its gate before the next delivery is taken.
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     name: String,
     mut stream: DeliveryStream,
+    gate: Option<Arc<limits::Gate>>,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     jobs: TaskTracker,
@@ -302,6 +344,14 @@ async fn pump(
     abandon: CancellationToken,
 ) {
     loop {
+        let kind_permit = match &gate {
+            Some(g) => tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                p = g.admit() => p,
+            },
+            None => None,
+        };
         let next = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -330,6 +380,7 @@ async fn pump(
         jobs.spawn(async move {
             let outcome = process::process(shared.clone(), delivery, abandon).await;
             drop(permit);
+            drop(kind_permit);
             let c = &shared.counters;
             let counter = match outcome {
                 process::Outcome::Succeeded => &c.succeeded,

@@ -83,7 +83,11 @@ pub async fn process(
         meta.timeout = shared.config.kind_timeouts.get(&meta.kind).copied();
     }
     let meta = Arc::new(meta);
-    let tracked = shared.cancels.track(&meta.id, meta.workflow(header::GROUP));
+    let tracked = shared.cancels.track(super::cancel::JobKeys {
+        id: &meta.id,
+        group: meta.workflow(header::GROUP),
+        chain: meta.workflow(header::CHAIN),
+    });
     if tracked.token.is_cancelled() {
         let why = format!("cancelled before it ran: {}", tracked.reason());
         return finish(&shared, delivery, &meta, Status::Cancelled, &why).await;

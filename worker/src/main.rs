@@ -9,7 +9,9 @@
 use anyhow::Context;
 use clap::Parser;
 use conveyor::cli::BrokerArgs;
+use conveyor::worker::limits::{self, KindLimits, Rate};
 use conveyor::worker::{self, backoff::Backoff, builtin, WorkerConfig};
+use std::collections::HashMap;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
@@ -51,9 +53,49 @@ struct Args {
     /// Longest delay between retries.
     #[arg(long, env = "CONVEYOR_RETRY_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
     retry_max: Duration,
+    /// Most jobs of a kind running at once in this worker, as KIND=N (repeat or comma-separate).
+    #[arg(long = "max-concurrent", env = "CONVEYOR_MAX_CONCURRENT", value_delimiter = ',', value_parser = parse_max_concurrent, value_name = "KIND=N")]
+    max_concurrent: Vec<(String, usize)>,
+    /// Most jobs of a kind started per second by this worker alone, as KIND=N/s (or N/m, N/h;
+    /// `@B` allows bursts of B).
+    #[arg(long = "worker-rate", env = "CONVEYOR_WORKER_RATE", value_delimiter = ',', value_parser = parse_rate, value_name = "KIND=N/s")]
+    worker_rates: Vec<(String, Rate)>,
+    /// Most jobs of a kind started per second by all the namespace's workers together, as
+    /// KIND=N/s: each live worker serving the kind takes an equal share.
+    #[arg(long = "rate", env = "CONVEYOR_RATE", value_delimiter = ',', value_parser = parse_rate, value_name = "KIND=N/s")]
+    rates: Vec<(String, Rate)>,
     /// Do not broadcast job lifecycle events (started, retrying, succeeded, ...).
     #[arg(long, env = "CONVEYOR_NO_EVENTS")]
     no_events: bool,
+}
+
+fn parse_rate(s: &str) -> Result<(String, Rate), String> {
+    limits::parse_kind_value(s, Rate::parse)
+}
+
+fn parse_max_concurrent(s: &str) -> Result<(String, usize), String> {
+    limits::parse_kind_value(s, |v| {
+        v.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{s:?}: N must be a whole number above 0"))
+    })
+}
+
+/// The limits of every kind the flags name.
+fn kind_limits(args: &Args) -> HashMap<String, KindLimits> {
+    let mut out: HashMap<String, KindLimits> = HashMap::new();
+    for (k, n) in &args.max_concurrent {
+        out.entry(k.clone()).or_default().max_concurrent = Some(*n);
+    }
+    for (k, r) in &args.worker_rates {
+        out.entry(k.clone()).or_default().worker_rate = Some(*r);
+    }
+    for (k, r) in &args.rates {
+        out.entry(k.clone()).or_default().rate = Some(*r);
+    }
+    out
 }
 
 /// `KIND=DURATION`, with a valid kind and a non-zero duration.
@@ -77,7 +119,9 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--lease must be at least 1s, got {:?}", args.lease);
     }
     let defaults = WorkerConfig::default();
+    let limits = kind_limits(&args);
     let config = WorkerConfig {
+        kind_limits: limits,
         kinds: args.kinds,
         concurrency: args.concurrency.unwrap_or(defaults.concurrency),
         max_body_bytes: args.max_body_bytes,
@@ -126,5 +170,36 @@ mod tests {
                 ("sleep".to_string(), Duration::from_secs(1)),
             ])
         );
+    }
+
+    #[test]
+    fn limit_flags_combine_per_kind() {
+        let args = Args::try_parse_from([
+            "conveyor-worker",
+            "--rate",
+            "hash=50/s",
+            "--worker-rate",
+            "hash=20/s@5",
+            "--max-concurrent",
+            "hash=2,sleep=1",
+        ])
+        .expect("flags parse");
+        let l = kind_limits(&args);
+        assert_eq!(l["hash"].max_concurrent, Some(2));
+        assert_eq!(l["hash"].rate.map(|r| r.count), Some(50));
+        assert_eq!(l["hash"].worker_rate.map(|r| r.burst), Some(5));
+        assert_eq!(l["sleep"].max_concurrent, Some(1));
+        let bad = Args::try_parse_from(["conveyor-worker", "--rate", "hash=fast"]);
+        assert!(bad
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("expected N/s"));
+        let bad = Args::try_parse_from(["conveyor-worker", "--max-concurrent", "hash=0"]);
+        assert!(bad
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("above 0"));
     }
 }

@@ -338,6 +338,7 @@ impl Inner {
             Binding::new(n.unrouted(), n.unrouted(), ""),
             Binding::new(n.results_queue(), n.exchange("results"), "#"),
             Binding::new(n.dead_queue(), n.exchange("dead"), "#"),
+            control_log_binding(n),
         ];
         (exchanges, queues)
     }
@@ -650,6 +651,24 @@ impl Inner {
     }
 }
 
+/// The cancel requests of the last hour: a stream queue on the control exchange, which every
+/// worker reads from its start (`x-stream-offset: first`) and then follows.
+fn control_log_binding(n: &Names) -> Binding {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long("stream"));
+    args.insert(
+        "x-max-age".into(),
+        long(&format!(
+            "{}s",
+            crate::protocol::CONTROL_RETENTION.as_secs()
+        )),
+    );
+    Binding {
+        args,
+        ..Binding::new(n.control_log(), n.exchange("control"), "")
+    }
+}
+
 /// A tee's queue: bound to the jobs exchange with the kind, at most `backlog` copies with the
 /// oldest dropped first (`drop-head`: publishers are never refused or slowed by it). Classic, as
 /// a copy needs no replication; durable unless `ephemeral`, which goes with its reader.
@@ -926,16 +945,64 @@ impl Transport for AmqpTransport {
             .await
     }
 
-    async fn listen_control(&self) -> Result<MessageStream> {
-        let bind = Bind::Key(self.inner.names.exchange("control"), String::new());
-        Ok(bounded("listen", self.inner.private_queue(bind)).await?.1)
+    async fn listen_control(&self) -> Result<(u64, MessageStream)> {
+        // The log from its first entry, then what comes. A stream queue wants a prefetch and
+        // acks (they only move the consumer's window; nothing is removed).
+        let open = async {
+            let ch = self.inner.channel().await?;
+            ch.basic_qos(100, BasicQosOptions::default())
+                .await
+                .map_err(|e| amqp_error("basic.qos", e))?;
+            let kept = ch
+                .queue_declare(
+                    self.inner.names.control_log().as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| amqp_error("control log", e))?
+                .message_count();
+            let mut args = FieldTable::default();
+            args.insert("x-stream-offset".into(), long("first"));
+            let consumer = ch
+                .basic_consume(
+                    self.inner.names.control_log().as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    args,
+                )
+                .await
+                .map_err(|e| amqp_error("basic.consume", e))?;
+            Ok::<_, Error>((ch, consumer, kept))
+        };
+        let (ch, consumer, kept) = bounded("listen control", open).await?;
+        let messages = consumer
+            .filter_map(move |d| {
+                let _keep_channel_open = &ch;
+                async move {
+                    let d = d.ok()?;
+                    let _ = d.ack(lapin::options::BasicAckOptions::default()).await;
+                    let (h, _) = from_amqp(&d.properties);
+                    Some(Message::new(h, d.data))
+                }
+            })
+            .boxed();
+        Ok((u64::from(kept), messages))
     }
 
     async fn delete_namespace(&self, kinds: &[String]) -> Result<()> {
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
         let n = &self.inner.names;
         let ch = self.inner.channel().await?;
-        let mut queues = vec![n.unrouted(), n.results_queue(), n.dead_queue()];
+        let mut queues = vec![
+            n.unrouted(),
+            n.results_queue(),
+            n.dead_queue(),
+            n.control_log(),
+        ];
         queues.extend(kinds.iter().map(|kind| n.job_queue(kind)));
         // Every delay a retry can have been rounded to (see `AmqpAcker::retry`).
         queues.extend(crate::protocol::retry_delays_ms().map(|ms| n.retry_queue(ms)));

@@ -152,6 +152,13 @@ impl NatsTransport {
                 stream::RetentionPolicy::Limits,
                 Duration::from_secs(30 * 86_400),
             ),
+            // Cancel requests, kept for workers that start after them.
+            (
+                n.stream("control"),
+                format!("{ns}.control.>"),
+                stream::RetentionPolicy::Limits,
+                crate::protocol::CONTROL_RETENTION,
+            ),
         ];
         let jobs = n.stream("jobs");
         for (name, subject, retention, max_age) in streams {
@@ -579,27 +586,60 @@ impl Transport for NatsTransport {
     }
 
     async fn send_control(&self, msg: Message) -> Result<()> {
-        self.client
+        // Stored in the control stream (confirmed), so that workers starting later replay it.
+        self.js
             .publish_with_headers(
                 self.names.cancel_subject(),
                 to_nats_headers(&msg.headers, None),
                 msg.body,
             )
             .await
-            .map_err(|e| Error::broker("send control", e))?;
-        // A cancel is worth a round trip: the server has it when this returns.
-        self.client
-            .flush()
+            .map_err(|e| Error::broker("send control", e))?
             .await
-            .map_err(|e| Error::broker("send control", e))
+            .map_err(|e| Error::broker("send control", e))?;
+        Ok(())
     }
 
-    async fn listen_control(&self) -> Result<MessageStream> {
-        self.listen("control.cancel").await
+    async fn listen_control(&self) -> Result<(u64, MessageStream)> {
+        // An ordered consumer from the start of the control stream: the last hour's requests,
+        // then new ones as they come.
+        let mut stream = self
+            .js
+            .get_stream(self.names.stream("control"))
+            .await
+            .map_err(|e| Error::broker("get stream", e))?;
+        let kept = stream
+            .info()
+            .await
+            .map_err(|e| Error::broker("stream info", e))?
+            .state
+            .messages;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: self.names.cancel_subject(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::broker("create consumer", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| Error::broker("pull", e))?;
+        let messages = messages
+            .filter_map(|m| async move {
+                let m = m.ok()?;
+                Some(Message::new(
+                    from_nats_headers(m.headers.as_ref()),
+                    m.payload.clone(),
+                ))
+            })
+            .boxed();
+        Ok((kept, messages))
     }
 
     async fn delete_namespace(&self, _kinds: &[String]) -> Result<()> {
-        for class in ["jobs", "results", "dead", "tee"] {
+        for class in ["jobs", "results", "dead", "control", "tee"] {
             let name = self.names.stream(class);
             match self.js.delete_stream(&name).await {
                 Ok(_) => {}

@@ -1,0 +1,275 @@
+//! Per-kind limits of a worker, applied before the pump takes the next job from the consumer.
+//! A kind's prefetch is its concurrency limit, so jobs waiting for a slot stay in the broker;
+//! jobs waiting for a rate token are at most the kind's prefetch per worker:
+//!
+//! - `--max-concurrent KIND=N`: at most N jobs of the kind at once in this worker (a semaphore);
+//! - `--worker-rate KIND=N/s`: at most N jobs a second started by this worker (governor);
+//! - `--rate KIND=N/s`: at most N a second across every worker of the namespace that serves the
+//!   kind: each worker takes an equal share, N / (live workers serving the kind), counted from
+//!   the heartbeats, so workers joining or leaving rebalance within a few heartbeats.
+//!
+//! Rates are `N/s`, `N/m` or `N/h`, optionally with a burst: `50/s@10` (default burst 1: evenly
+//! spaced).
+
+use crate::error::{Error, Result};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A rate: `count` jobs per `per`, with bursts of up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Jobs per period.
+    pub count: u32,
+    /// The period.
+    pub per: Duration,
+    /// Jobs that may start back to back after a quiet spell.
+    pub burst: u32,
+}
+
+impl Rate {
+    /// Parses `N/s`, `N/m`, `N/h`, optionally `@BURST`.
+    pub fn parse(s: &str) -> std::result::Result<Rate, String> {
+        let (rate, burst) = match s.split_once('@') {
+            Some((r, b)) => (
+                r,
+                b.trim()
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|b| *b > 0)
+                    .ok_or_else(|| {
+                        format!("{s:?}: the burst after @ must be a whole number above 0")
+                    })?,
+            ),
+            None => (s, 1),
+        };
+        let (count, unit) = rate
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected N/s, N/m or N/h (e.g. 50/s)"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or_else(|| format!("{s:?}: the count must be a whole number above 0"))?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            other => return Err(format!("{s:?}: unknown unit {other:?}, use s, m or h")),
+        };
+        Ok(Rate { count, per, burst })
+    }
+
+    /// The limiter for `1/shares` of this rate.
+    fn limiter(&self, shares: u32) -> Option<DefaultDirectRateLimiter> {
+        let period = self.per * shares.max(1) / self.count;
+        let quota = Quota::with_period(period.max(Duration::from_micros(1)))?
+            .allow_burst(NonZeroU32::new(self.burst.max(1))?);
+        Some(RateLimiter::direct(quota))
+    }
+}
+
+/// The limits of one kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindLimits {
+    /// Jobs of the kind at once in this worker.
+    pub max_concurrent: Option<usize>,
+    /// Jobs a second in this worker.
+    pub worker_rate: Option<Rate>,
+    /// Jobs a second across the cluster.
+    pub rate: Option<Rate>,
+}
+
+/// Parses `KIND=VALUE` with `value` parsing VALUE; the error names the flag's input.
+pub fn parse_kind_value<T>(
+    s: &str,
+    value: impl Fn(&str) -> std::result::Result<T, String>,
+) -> std::result::Result<(String, T), String> {
+    let (kind, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KIND=VALUE"))?;
+    crate::protocol::validate_kind(kind).map_err(|e| e.to_string())?;
+    Ok((kind.to_string(), value(v)?))
+}
+
+/// The cluster share of a global rate: rebuilt when the number of live workers changes.
+struct Shared {
+    rate: Rate,
+    current: Mutex<(u32, Arc<DefaultDirectRateLimiter>)>,
+}
+
+/// The gate jobs of one kind pass before they are taken from the broker.
+pub struct Gate {
+    slots: Option<Arc<Semaphore>>,
+    worker: Option<DefaultDirectRateLimiter>,
+    global: Option<Shared>,
+}
+
+impl Gate {
+    /// A gate for `limits`.
+    pub fn new(limits: &KindLimits) -> Result<Gate> {
+        let bad = |what: &str| Error::Config(format!("invalid {what}"));
+        if limits.max_concurrent == Some(0) {
+            return Err(Error::Config("--max-concurrent must be at least 1".into()));
+        }
+        let worker = match &limits.worker_rate {
+            Some(r) => Some(r.limiter(1).ok_or_else(|| bad("--worker-rate"))?),
+            None => None,
+        };
+        let global = match &limits.rate {
+            Some(r) => Some(Shared {
+                rate: *r,
+                current: Mutex::new((1, Arc::new(r.limiter(1).ok_or_else(|| bad("--rate"))?))),
+            }),
+            None => None,
+        };
+        Ok(Gate {
+            slots: limits.max_concurrent.map(|n| Arc::new(Semaphore::new(n))),
+            worker,
+            global,
+        })
+    }
+
+    /// The broker prefetch for the kind: its concurrency limit when lower than `default`. (Not
+    /// lower under a rate alone: on RabbitMQ the prefetch also caps the jobs running at once.)
+    pub fn prefetch(&self, default: u16) -> u16 {
+        let mut p = default;
+        if let Some(s) = &self.slots {
+            p = p.min(u16::try_from(s.available_permits()).unwrap_or(u16::MAX));
+        }
+        p.max(1)
+    }
+
+    /// True when the kind has a global rate (and so wants to know the live workers).
+    pub fn has_global_rate(&self) -> bool {
+        self.global.is_some()
+    }
+
+    /// Sets this worker's share of the global rate: `live` workers serve the kind.
+    pub fn set_live_workers(&self, live: u32) {
+        if let Some(g) = &self.global {
+            let live = live.max(1);
+            let mut cur = g.current.lock().unwrap_or_else(|p| p.into_inner());
+            if cur.0 != live {
+                if let Some(l) = g.rate.limiter(live) {
+                    *cur = (live, Arc::new(l));
+                    tracing::info!(live, "global rate shared among {live} worker(s)");
+                }
+            }
+        }
+    }
+
+    /// Waits until a job of the kind may start here; the permit holds its concurrency slot.
+    pub async fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = match &self.slots {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        if let Some(l) = &self.worker {
+            l.until_ready().await;
+        }
+        if let Some(g) = &self.global {
+            let limiter = g
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .clone();
+            limiter.until_ready().await;
+        }
+        permit
+    }
+}
+
+/// Gates by kind.
+pub type Gates = HashMap<String, Arc<Gate>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_and_bad_ones_name_the_problem() {
+        assert_eq!(
+            Rate::parse("50/s"),
+            Ok(Rate {
+                count: 50,
+                per: Duration::from_secs(1),
+                burst: 1
+            })
+        );
+        assert_eq!(
+            Rate::parse("600/m@20").map(|r| (r.count, r.burst)),
+            Ok((600, 20))
+        );
+        let err = |s: &str| Rate::parse(s).err().unwrap_or_default();
+        assert!(err("50").contains("expected N/s"));
+        assert!(err("0/s").contains("above 0"));
+        assert!(err("5/d").contains("unknown unit"));
+        assert!(err("5/s@0").contains("burst"));
+        assert_eq!(
+            parse_kind_value("hash=5/s", Rate::parse).map(|(k, r)| (k, r.count)),
+            Ok(("hash".to_string(), 5))
+        );
+        assert!(parse_kind_value("hash", Rate::parse).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_rate_spaces_jobs_and_its_share_shrinks_with_more_workers() {
+        let gate = Gate::new(&KindLimits {
+            rate: Rate::parse("100/s").ok(),
+            ..KindLimits::default()
+        })
+        .expect("gate");
+        assert_eq!(gate.prefetch(32), 32);
+        let start = tokio::time::Instant::now();
+        for _ in 0..11 {
+            gate.admit().await;
+        }
+        // 10 intervals of 10 ms (the first is free).
+        assert!(
+            start.elapsed() >= Duration::from_millis(90),
+            "{:?}",
+            start.elapsed()
+        );
+        gate.set_live_workers(4);
+        let start = tokio::time::Instant::now();
+        for _ in 0..6 {
+            gate.admit().await;
+        }
+        // Now 25/s here: 5 intervals of 40 ms.
+        assert!(
+            start.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrency_slots_are_held_by_the_permit() {
+        let gate = Gate::new(&KindLimits {
+            max_concurrent: Some(2),
+            ..KindLimits::default()
+        })
+        .expect("gate");
+        assert_eq!(gate.prefetch(32), 2);
+        let a = gate.admit().await;
+        let _b = gate.admit().await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), gate.admit())
+                .await
+                .is_err(),
+            "a third waits"
+        );
+        drop(a);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), gate.admit())
+                .await
+                .is_ok()
+        );
+    }
+}

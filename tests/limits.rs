@@ -1,0 +1,163 @@
+//! Worker limits on both real brokers: a global rate shared by three worker processes, and one
+//! worker's own rate and per-kind concurrency, measured from what the handlers record.
+
+mod common;
+
+use common::cluster::{Cluster, WAIT};
+use common::{http_get, test_worker_config, Broker, Stack};
+use conveyor::worker::limits::{KindLimits, Rate};
+use conveyor::worker::{builtin, handler_fn, JobContext, WorkerConfig};
+use conveyor::{JobError, JobSpec};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+both_brokers!(
+    a_global_rate_holds_across_three_worker_processes,
+    worker_rate_and_max_concurrent_hold_in_one_worker,
+);
+
+/// Polls `/stats` until `results` reaches `n`; returns when it did.
+async fn when_recorded(cluster: &Cluster, n: u64) -> Instant {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, stats) = http_get(cluster.http, "/stats").await;
+        if stats["results"].as_u64().unwrap_or(0) >= n {
+            return Instant::now();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} results in time: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn a_global_rate_holds_across_three_worker_processes(broker: Broker) {
+    let cluster = Cluster::new(broker);
+    let _aggregator = cluster.aggregator("aggregator").await;
+    let args = [
+        "--kinds",
+        "hash",
+        "--rate",
+        "hash=50/s",
+        "--heartbeat",
+        "500ms",
+    ];
+    let _workers: Vec<_> = (0..3)
+        .map(|n| cluster.worker(&format!("worker-{n}"), &args))
+        .collect();
+    // Until all three are live, and a little longer, so that each has heard the others.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, stats) = http_get(cluster.http, "/stats").await;
+        if stats["workers"].as_u64() == Some(3) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "three live workers: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let client = cluster.client().await;
+    let specs = (0..700)
+        .map(|i| JobSpec::new("hash", json!({"data": format!("{i}"), "rounds": 1})))
+        .collect();
+    common::cluster::publish_all(&client, specs).await;
+    // Measured over the middle of the run: 400 jobs between the 150th and the 550th result.
+    let from = when_recorded(&cluster, 150).await;
+    let to = when_recorded(&cluster, 550).await;
+    let rate = 400.0 / (to - from).as_secs_f64();
+    eprintln!("global rate with three workers at --rate hash=50/s: {rate:.1} jobs/s");
+    assert!(
+        (40.0..=60.0).contains(&rate),
+        "the cluster ran {rate:.1} jobs/s; the limit is 50/s (not 150/s)"
+    );
+}
+
+/// Start and end times of every `probe` job.
+type Spans = Arc<Mutex<Vec<(Instant, Instant)>>>;
+
+async fn worker_rate_and_max_concurrent_hold_in_one_worker(broker: Broker) {
+    let spans: Spans = Arc::default();
+    let mut registry = builtin::registry();
+    let recorded = spans.clone();
+    registry.register(
+        "probe",
+        handler_fn(move |input: Value, _: JobContext| {
+            let recorded = recorded.clone();
+            async move {
+                let start = Instant::now();
+                let ms = input["ms"].as_u64().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                recorded
+                    .lock()
+                    .map_err(|_| JobError::retry("poisoned"))?
+                    .push((start, Instant::now()));
+                Ok::<_, JobError>(json!({}))
+            }
+        }),
+    );
+    let mut limits = HashMap::new();
+    limits.insert(
+        "probe".to_string(),
+        KindLimits {
+            max_concurrent: Some(2),
+            worker_rate: Some(Rate::parse("20/s").expect("rate")),
+            rate: None,
+        },
+    );
+    let config = WorkerConfig {
+        concurrency: 8,
+        kind_limits: limits,
+        ..test_worker_config()
+    };
+    let stack = Stack::start_with(broker, config, registry).await;
+    // 40 jobs of 150 ms: two at a time allow about 13 a second, under the rate of 20/s...
+    let slow = (0..40)
+        .map(|_| JobSpec::new("probe", json!({"ms": 150})))
+        .collect();
+    common::cluster::publish_all(&stack.client, slow).await;
+    common::wait_for_results(stack.http, 40, WAIT).await;
+    let slow_spans = std::mem::take(&mut *spans.lock().expect("spans"));
+    // ...and 60 instant jobs are held to 20 a second.
+    let fast = (0..60)
+        .map(|_| JobSpec::new("probe", json!({"ms": 0})))
+        .collect();
+    common::cluster::publish_all(&stack.client, fast).await;
+    common::wait_for_results(stack.http, 100, WAIT).await;
+    let fast_spans = spans.lock().expect("spans").clone();
+    stack.stop().await;
+
+    assert_eq!(slow_spans.len(), 40);
+    let most = max_overlap(&slow_spans);
+    assert_eq!(most, 2, "at most 2 probes at once, and both slots used");
+    assert_eq!(fast_spans.len(), 60);
+    let first = fast_spans.iter().map(|s| s.0).min().expect("starts");
+    let last = fast_spans.iter().map(|s| s.0).max().expect("starts");
+    let rate = 59.0 / (last - first).as_secs_f64();
+    eprintln!("one worker at --worker-rate probe=20/s: {rate:.1} jobs/s");
+    assert!(
+        (16.0..=24.0).contains(&rate),
+        "{rate:.1} jobs/s against 20/s"
+    );
+}
+
+/// The most spans that overlap at one time.
+fn max_overlap(spans: &[(Instant, Instant)]) -> usize {
+    let mut edges: Vec<(Instant, i32)> = spans
+        .iter()
+        .flat_map(|(s, e)| [(*s, 1), (*e, -1)])
+        .collect();
+    // Ends before starts at the same instant.
+    edges.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
