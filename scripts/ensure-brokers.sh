@@ -42,5 +42,19 @@ if ! up 5672; then
     ok=0
   fi
 fi
-[ "$ok" = 1 ] && echo "brokers up: NATS 127.0.0.1:4222, RabbitMQ 127.0.0.1:5672" >&2
+# PostgreSQL, for the pg.insert kind's tests (database "test", trust authentication locally).
+if ! up 5432; then
+  echo "PostgreSQL is not listening on 127.0.0.1:5432; starting it" >&2
+  if command -v pg_ctlcluster >/dev/null; then
+    for c in /etc/postgresql/*/*; do
+      [ -d "$c" ] && pg_ctlcluster "$(basename "$(dirname "$c")")" "$(basename "$c")" start >/dev/null 2>&1 || true
+    done
+  fi
+  if ! wait_up 5432 30; then
+    echo "error: PostgreSQL is still down. Start it with:" >&2
+    echo "  pg_ctlcluster <version> main start   (database test, user postgres, trust auth on 127.0.0.1)" >&2
+    ok=0
+  fi
+fi
+[ "$ok" = 1 ] && echo "brokers up: NATS 127.0.0.1:4222, RabbitMQ 127.0.0.1:5672; PostgreSQL 127.0.0.1:5432" >&2
 [ "$ok" = 1 ]

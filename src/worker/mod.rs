@@ -9,8 +9,11 @@ pub mod builtin;
 pub mod cancel;
 pub mod heartbeat;
 pub mod limits;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod process;
 pub mod registry;
+pub mod resources;
 
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -126,6 +129,8 @@ pub struct Shared {
     pub events: crate::events::Emitter,
     /// Cancel requests heard, and the running jobs they can reach.
     pub cancels: Arc<cancel::Cancels>,
+    /// What handlers can borrow.
+    pub resources: Arc<resources::Resources>,
 }
 
 impl Shared {
@@ -217,6 +222,7 @@ pub async fn run(
     } else {
         crate::events::Emitter::disabled()
     };
+    let registry_resources = registry.resources().clone();
     let shared = Arc::new(Shared {
         transport: transport.clone(),
         registry,
@@ -224,6 +230,7 @@ pub async fn run(
         counters: Counters::default(),
         events,
         cancels: Arc::default(),
+        resources: Arc::new(registry_resources),
     });
     let beating = CancellationToken::new();
     let requests = cancel::catch_up(transport.as_ref(), &shared.cancels).await;

@@ -156,6 +156,7 @@ async fn run_handler(
         meta: meta.clone(),
         input,
         cancel: cancel.clone(),
+        resources: shared.resources.clone(),
     };
     // Polled in place: a panic while polling fails only this job, and a handler that ignores its
     // deadline is dropped after the grace period.

@@ -1,6 +1,7 @@
 //! The static registry of job kinds a worker runs. Handlers are `tower::Service`s, so tower's
 //! layers (timeout, concurrency limit, rate limit, ...) wrap them unchanged.
 
+use super::resources::Resources;
 use crate::job::{JobError, JobMeta};
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
@@ -21,6 +22,8 @@ pub struct Job {
     pub input: Value,
     /// Cancelled when the job should stop (deadline, cancel request, forced shutdown).
     pub cancel: CancellationToken,
+    /// Resources registered at start-up (pools and the like).
+    pub resources: Arc<Resources>,
 }
 
 /// A type-erased handler service.
@@ -33,6 +36,8 @@ pub struct JobContext {
     pub meta: Arc<JobMeta>,
     /// Fires when the job should stop.
     pub cancel: CancellationToken,
+    /// Resources registered at start-up: `ctx.resources.get::<MyPool>()`.
+    pub resources: Arc<Resources>,
 }
 
 /// Turns `async fn(Input, JobContext) -> Result<Output, JobError>` into a [`Handler`]. Input that
@@ -54,6 +59,7 @@ where
                 let ctx = JobContext {
                     meta: job.meta,
                     cancel: job.cancel,
+                    resources: job.resources,
                 };
                 let out = f(input, ctx).await?;
                 serde_json::to_value(out)
@@ -68,6 +74,7 @@ where
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: BTreeMap<String, Handler>,
+    resources: Resources,
 }
 
 impl std::fmt::Debug for Registry {
@@ -86,6 +93,16 @@ impl Registry {
     pub fn register(&mut self, kind: impl Into<String>, handler: Handler) -> &mut Self {
         self.handlers.insert(kind.into(), handler);
         self
+    }
+
+    /// The resources handlers can borrow; register them at start-up.
+    pub fn resources_mut(&mut self) -> &mut Resources {
+        &mut self.resources
+    }
+
+    /// The resources handlers can borrow.
+    pub fn resources(&self) -> &Resources {
+        &self.resources
     }
 
     /// The handler of `kind`.

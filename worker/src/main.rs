@@ -64,6 +64,19 @@ struct Args {
     /// KIND=N/s: each live worker serving the kind takes an equal share.
     #[arg(long = "rate", env = "CONVEYOR_RATE", value_delimiter = ',', value_parser = parse_rate, value_name = "KIND=N/s")]
     rates: Vec<(String, Rate)>,
+    /// PostgreSQL for the `pg.insert` kind (postgres://user:pass@host:5432/db); without it the
+    /// kind is not offered.
+    #[arg(long, env = "CONVEYOR_PG_URL", hide_env_values = true)]
+    pg_url: Option<String>,
+    /// Connections in the PostgreSQL pool at most.
+    #[arg(long, env = "CONVEYOR_PG_POOL_SIZE", default_value_t = 4)]
+    pg_pool_size: usize,
+    /// How long a `pg.insert` job waits for a free connection before it fails (retryable).
+    #[arg(long, env = "CONVEYOR_PG_WAIT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pg_wait_timeout: Duration,
+    /// Table `pg.insert` writes to (created if missing).
+    #[arg(long, env = "CONVEYOR_PG_TABLE", default_value = "conveyor_rows")]
+    pg_table: String,
     /// Do not broadcast job lifecycle events (started, retrying, succeeded, ...).
     #[arg(long, env = "CONVEYOR_NO_EVENTS")]
     no_events: bool,
@@ -136,13 +149,23 @@ async fn main() -> anyhow::Result<()> {
         },
         ..defaults
     };
+    let mut registry = builtin::registry();
+    if let Some(url) = &args.pg_url {
+        let pg = conveyor::worker::pg::PgConfig {
+            url: url.clone(),
+            pool_size: args.pg_pool_size,
+            wait_timeout: args.pg_wait_timeout,
+            table: args.pg_table.clone(),
+        };
+        conveyor::worker::pg::install(&pg, &mut registry).await?;
+    }
     let (shutdown, force) = conveyor::shutdown::on_signals();
     let transport = args
         .broker
         .connect()
         .await
         .with_context(|| format!("connecting to {}", args.broker.broker))?;
-    worker::run(transport, builtin::registry(), config, shutdown, force).await?;
+    worker::run(transport, registry, config, shutdown, force).await?;
     Ok(())
 }
 
