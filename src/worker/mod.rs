@@ -5,6 +5,7 @@
 //! `drain_timeout` (or `force`), hands the rest back to the broker, and closes the connection.
 
 pub mod backoff;
+pub mod breaker;
 pub mod builtin;
 pub mod cancel;
 pub mod heartbeat;
@@ -48,6 +49,8 @@ pub struct WorkerConfig {
     pub kind_timeouts: HashMap<String, Duration>,
     /// Concurrency and rate limits per kind.
     pub kind_limits: HashMap<String, limits::KindLimits>,
+    /// Circuit breakers per kind.
+    pub breakers: HashMap<String, breaker::BreakerConfig>,
     /// Retry delays.
     pub backoff: Backoff,
     /// Name on results (`Conveyor-Worker`) and heartbeats.
@@ -69,6 +72,7 @@ impl Default for WorkerConfig {
             timeout_grace: process::DEFAULT_TIMEOUT_GRACE,
             kind_timeouts: HashMap::new(),
             kind_limits: HashMap::new(),
+            breakers: HashMap::new(),
             backoff: Backoff::default(),
             worker_id: default_worker_id(),
             heartbeat: Duration::from_secs(5),
@@ -134,6 +138,30 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Publishes a breaker's state change as an event, in the background.
+    pub fn breaker_changed(&self, b: &breaker::Breaker, state: &'static str) {
+        let event = breaker::BreakerEvent {
+            kind: b.kind().to_string(),
+            state: state.to_string(),
+            worker: self.config.worker_id.clone(),
+            until_ms: (state == "breaker-open").then(|| {
+                crate::job::now_ms() + u64::try_from(b.open_for().as_millis()).unwrap_or(0)
+            }),
+            at_ms: crate::job::now_ms(),
+        };
+        let transport = self.transport.clone();
+        tokio::spawn(async move {
+            if let Err(e) = transport
+                .emit_event(&event.kind, &event.state, event.to_message())
+                .await
+            {
+                tracing::debug!(error = %e, "breaker event not sent");
+            }
+        });
+    }
+}
+
+impl Shared {
     /// Publishes with the broker's confirm, retrying transient failures (same message, so the
     /// same id) for up to about 30 s.
     pub async fn publish_retrying(&self, route: Route, msg: Message) -> Result<()> {
@@ -191,6 +219,16 @@ pub async fn run(
         }
         gates.insert(kind.clone(), Arc::new(limits::Gate::new(l)?));
     }
+    let mut breakers: HashMap<String, Arc<breaker::Breaker>> = HashMap::new();
+    for (kind, cfg) in &config.breakers {
+        if registry.get(kind).is_none() {
+            return Err(Error::Config(format!(
+                "--breaker names kind {kind:?}, which this worker does not run (it runs {})",
+                registry.kinds().join(", ")
+            )));
+        }
+        breakers.insert(kind.clone(), breaker::Breaker::new(kind, *cfg));
+    }
     let mut sources = Vec::new();
     for kind in registry.kinds() {
         let gate = gates.get(&kind).cloned();
@@ -198,17 +236,15 @@ pub async fn run(
             prefetch: gate.as_ref().map_or(prefetch, |g| g.prefetch(prefetch)),
             ..opts
         };
-        sources.push((
-            kind.clone(),
-            transport.consume(Source::Kind(kind), opts).await?,
-            gate,
-        ));
+        let source = transport.consume(Source::Kind(kind.clone()), opts).await?;
+        let breaker = breakers.get(&kind).cloned();
+        sources.push((kind, source, gate, breaker));
     }
     if config.kinds.is_none() {
         let unrouted = transport
             .consume(Source::Unrouted(registry.kinds()), opts)
             .await?;
-        sources.push(("(unrouted)".to_string(), unrouted, None));
+        sources.push(("(unrouted)".to_string(), unrouted, None, None));
     }
     tracing::info!(
         worker = %config.worker_id,
@@ -244,11 +280,12 @@ pub async fn run(
     let jobs = TaskTracker::new();
     let abandon = CancellationToken::new();
     let pumps = TaskTracker::new();
-    for (name, stream, gate) in sources {
+    for (name, stream, gate, breaker) in sources {
         pumps.spawn(pump(
             name,
             stream,
             gate,
+            breaker,
             shared.clone(),
             permits.clone(),
             jobs.clone(),
@@ -282,6 +319,17 @@ pub async fn run(
             beating.clone(),
         ))
     });
+    let trips: Vec<_> = breakers
+        .values()
+        .map(|b| {
+            tokio::spawn(follow_breaker(
+                transport.clone(),
+                b.clone(),
+                shared.config.worker_id.clone(),
+                beating.clone(),
+            ))
+        })
+        .collect();
     let heart = tokio::spawn(heartbeat::run(
         transport.clone(),
         beat,
@@ -318,6 +366,9 @@ pub async fn run(
     if let Some(t) = share_task {
         let _ = t.await;
     }
+    for t in trips {
+        let _ = t.await;
+    }
     shared.events.flush(Duration::from_secs(2)).await;
     transport.close().await?;
     let c = &shared.counters;
@@ -344,6 +395,7 @@ async fn pump(
     name: String,
     mut stream: DeliveryStream,
     gate: Option<Arc<limits::Gate>>,
+    breaker: Option<Arc<breaker::Breaker>>,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     jobs: TaskTracker,
@@ -351,6 +403,13 @@ async fn pump(
     abandon: CancellationToken,
 ) {
     loop {
+        if let Some(b) = &breaker {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                () = b.ready() => {}
+            }
+        }
         let kind_permit = match &gate {
             Some(g) => tokio::select! {
                 biased;
@@ -384,8 +443,9 @@ async fn pump(
         };
         let shared = shared.clone();
         let abandon = abandon.clone();
+        let breaker = breaker.clone();
         jobs.spawn(async move {
-            let outcome = process::process(shared.clone(), delivery, abandon).await;
+            let outcome = process::process(shared.clone(), delivery, abandon, breaker).await;
             drop(permit);
             drop(kind_permit);
             let c = &shared.counters;
@@ -403,6 +463,42 @@ async fn pump(
     while let Some(Some(item)) = stream.next().now_or_never() {
         if let Ok(d) = item {
             let _ = d.nack().await;
+        }
+    }
+}
+
+/// Opens `breaker` when another worker's breaker for its kind opens, until the same time.
+async fn follow_breaker(
+    transport: Arc<dyn Transport>,
+    breaker: Arc<breaker::Breaker>,
+    me: String,
+    stop: CancellationToken,
+) {
+    let pattern = format!("{}.breaker-open", breaker.kind());
+    loop {
+        match transport.listen_events(&pattern).await {
+            Ok(mut events) => loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = events.next() => m,
+                };
+                let Some(msg) = msg else { break };
+                let Ok(ev) = serde_json::from_slice::<breaker::BreakerEvent>(&msg.body) else {
+                    continue;
+                };
+                if ev.worker != me {
+                    let left = ev
+                        .until_ms
+                        .unwrap_or(0)
+                        .saturating_sub(crate::job::now_ms());
+                    breaker.trip_until(std::time::Instant::now() + Duration::from_millis(left));
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot follow other workers' breakers yet"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One delivery, from broker to settled: validate, run, then publish the result (confirmed)
 //! before acking, retry with backoff, or dead-letter with the reason.
 
+use super::breaker::{Breaker, BreakerPermit, Verdict};
 use super::registry::{Handler, Job};
 use super::{lease_ticker, Shared};
 use crate::codec::Codec;
@@ -39,6 +40,7 @@ pub async fn process(
     shared: Arc<Shared>,
     delivery: Delivery,
     abandon: CancellationToken,
+    breaker: Option<Arc<Breaker>>,
 ) -> Outcome {
     let kind = delivery.kind.clone();
     let body_len = delivery.message.body.len();
@@ -83,6 +85,15 @@ pub async fn process(
         meta.timeout = shared.config.kind_timeouts.get(&meta.kind).copied();
     }
     let meta = Arc::new(meta);
+    // The breaker lets it through now, or it waits (holding its lease) until it does: a job
+    // taken just before the breaker opened.
+    let breaker = match breaker {
+        Some(b) => match readmit(&b, &delivery, shared.config.lease, &abandon).await {
+            Some(p) => Some(p),
+            None => return hand_back(delivery).await,
+        },
+        None => None,
+    };
     let tracked = shared.cancels.track(super::cancel::JobKeys {
         id: &meta.id,
         group: meta.workflow(header::GROUP),
@@ -101,6 +112,17 @@ pub async fn process(
     let Some(outcome) = outcome else {
         return hand_back(delivery).await;
     };
+    if let Some(permit) = breaker {
+        let verdict = match &outcome {
+            Ok(_) => Verdict::Success,
+            Err(JobError::Retry { .. } | JobError::Timeout(_)) => Verdict::Failure,
+            Err(_) => Verdict::Neutral,
+        };
+        let b = permit.breaker();
+        if let Some(change) = permit.finish(verdict) {
+            shared.breaker_changed(&b, change);
+        }
+    }
     match outcome {
         Ok(output) => succeed(&shared, delivery, &meta, output).await,
         Err(JobError::Cancelled) => {
@@ -120,6 +142,30 @@ pub async fn process(
             dead_as(&shared, delivery, &meta, &reason, status).await
         }
         Err(e) => dead(&shared, delivery, &meta, &e.to_string()).await,
+    }
+}
+
+/// Waits for the breaker to let the job through again, extending the delivery's lease
+/// meanwhile. `None` when the worker is abandoning its jobs.
+async fn readmit(
+    b: &Arc<Breaker>,
+    delivery: &Delivery,
+    lease: Duration,
+    abandon: &CancellationToken,
+) -> Option<BreakerPermit> {
+    let mut ticker = lease_ticker(lease);
+    let admit = b.admit();
+    tokio::pin!(admit);
+    loop {
+        tokio::select! {
+            p = &mut admit => return Some(p),
+            _ = ticker.tick() => {
+                if let Err(e) = delivery.progress().await {
+                    tracing::warn!(error = %e, "could not extend the lease of a held job");
+                }
+            }
+            _ = abandon.cancelled() => return None,
+        }
     }
 }
 

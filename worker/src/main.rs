@@ -9,6 +9,7 @@
 use anyhow::Context;
 use clap::Parser;
 use conveyor::cli::BrokerArgs;
+use conveyor::worker::breaker::BreakerConfig;
 use conveyor::worker::limits::{self, KindLimits, Rate};
 use conveyor::worker::{self, backoff::Backoff, builtin, WorkerConfig};
 use std::collections::HashMap;
@@ -64,6 +65,10 @@ struct Args {
     /// KIND=N/s: each live worker serving the kind takes an equal share.
     #[arg(long = "rate", env = "CONVEYOR_RATE", value_delimiter = ',', value_parser = parse_rate, value_name = "KIND=N/s")]
     rates: Vec<(String, Rate)>,
+    /// Circuit breaker for a kind, as KIND=F/T[/P]: after F failed attempts in a row, take no job
+    /// of the kind for T, then let P probes through (`--breaker hash=5/30s`).
+    #[arg(long = "breaker", env = "CONVEYOR_BREAKER", value_delimiter = ',', value_parser = parse_breaker, value_name = "KIND=F/T")]
+    breakers: Vec<(String, BreakerConfig)>,
     /// PostgreSQL for the `pg.insert` kind (postgres://user:pass@host:5432/db); without it the
     /// kind is not offered.
     #[arg(long, env = "CONVEYOR_PG_URL", hide_env_values = true)]
@@ -80,6 +85,10 @@ struct Args {
     /// Do not broadcast job lifecycle events (started, retrying, succeeded, ...).
     #[arg(long, env = "CONVEYOR_NO_EVENTS")]
     no_events: bool,
+}
+
+fn parse_breaker(s: &str) -> Result<(String, BreakerConfig), String> {
+    limits::parse_kind_value(s, BreakerConfig::parse)
 }
 
 fn parse_rate(s: &str) -> Result<(String, Rate), String> {
@@ -135,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
     let limits = kind_limits(&args);
     let config = WorkerConfig {
         kind_limits: limits,
+        breakers: args.breakers.iter().cloned().collect(),
         kinds: args.kinds,
         concurrency: args.concurrency.unwrap_or(defaults.concurrency),
         max_body_bytes: args.max_body_bytes,

@@ -1,0 +1,374 @@
+//! Circuit breakers per kind (`--breaker KIND=F/T[/P]`): after F consecutive failed attempts
+//! (the handler's retryable errors and time-outs) the breaker opens for T. While it is open the
+//! worker takes no job of the kind from the broker, so waiting jobs are neither failed nor spend
+//! attempts. Then it is half-open: P probe jobs at a time go through; a probe that succeeds closes
+//! it, one that fails opens it again.
+//!
+//! Every opening and closing is an event (`<kind>.breaker-open`, `<kind>.breaker-closed`), and
+//! a worker with a breaker for the kind that hears another worker's `breaker-open` opens its own
+//! until the same time: the cluster stops calling the failing dependency together.
+
+use crate::message::{Headers, Message};
+use crate::protocol::header;
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// `F/T[/P]`: failures before opening, how long it stays open, probes at once when half-open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failed attempts that open it.
+    pub failures: u32,
+    /// How long it stays open.
+    pub open_for: Duration,
+    /// Probe jobs at once while half-open.
+    pub probes: u32,
+}
+
+impl BreakerConfig {
+    /// Parses `5/30s` or `5/30s/2`.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        let mut parts = s.split('/');
+        let (Some(f), Some(t)) = (parts.next(), parts.next()) else {
+            return Err(format!(
+                "{s:?}: expected FAILURES/OPEN_FOR[/PROBES], e.g. 5/30s"
+            ));
+        };
+        let failures = f
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{s:?}: FAILURES must be a whole number above 0"))?;
+        let open_for = humantime_like(t.trim())
+            .ok_or_else(|| format!("{s:?}: OPEN_FOR must be a duration such as 30s or 500ms"))?;
+        let probes = match parts.next() {
+            None => 1,
+            Some(p) => p
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{s:?}: PROBES must be a whole number above 0"))?,
+        };
+        if parts.next().is_some() {
+            return Err(format!("{s:?}: expected FAILURES/OPEN_FOR[/PROBES]"));
+        }
+        Ok(BreakerConfig {
+            failures,
+            open_for,
+            probes,
+        })
+    }
+}
+
+/// `500ms`, `30s`, `2m`.
+fn humantime_like(s: &str) -> Option<Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return None,
+    };
+    (!d.is_zero()).then_some(d)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { in_flight: u32 },
+}
+
+/// What an attempt says about the dependency behind the kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The handler succeeded.
+    Success,
+    /// The handler failed in a way another attempt may fix (error or time-out).
+    Failure,
+    /// Nothing about the dependency (bad input, cancelled, shutdown).
+    Neutral,
+}
+
+/// A state change, to be emitted as an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerEvent {
+    /// The kind.
+    pub kind: String,
+    /// `breaker-open` or `breaker-closed`.
+    pub state: String,
+    /// The worker whose breaker changed.
+    pub worker: String,
+    /// For `breaker-open`: until when, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<u64>,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+impl BreakerEvent {
+    /// Encodes the event.
+    pub fn to_message(&self) -> Message {
+        let h = Headers::new().with(header::CONTENT_TYPE, "application/json");
+        Message::new(h, serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// One kind's breaker in one worker.
+pub struct Breaker {
+    kind: String,
+    cfg: BreakerConfig,
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+/// Permission to run one job; tell it how the attempt went with [`BreakerPermit::finish`].
+pub struct BreakerPermit {
+    breaker: Arc<Breaker>,
+    probe: bool,
+    done: bool,
+}
+
+impl BreakerPermit {
+    /// The breaker this permit is from.
+    pub fn breaker(&self) -> Arc<Breaker> {
+        self.breaker.clone()
+    }
+
+    /// Reports the attempt; returns the state change it caused, if any.
+    pub fn finish(mut self, verdict: Verdict) -> Option<&'static str> {
+        self.done = true;
+        self.breaker.record(verdict, self.probe)
+    }
+}
+
+impl Drop for BreakerPermit {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker.record(Verdict::Neutral, self.probe);
+        }
+    }
+}
+
+impl Breaker {
+    /// A closed breaker for `kind`.
+    pub fn new(kind: &str, cfg: BreakerConfig) -> Arc<Breaker> {
+        Arc::new(Breaker {
+            kind: kind.to_string(),
+            cfg,
+            state: Mutex::new(State::Closed { failures: 0 }),
+            changed: Notify::new(),
+        })
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until a job could be let through (closed, open time over, or a probe slot free),
+    /// without taking anything: the worker takes the next job from the broker only then.
+    pub async fn ready(&self) {
+        loop {
+            let notified = self.changed.notified();
+            let wait = match *self.lock() {
+                State::Closed { .. } => return,
+                State::Open { until } if Instant::now() >= until => return,
+                State::Open { until } => until - Instant::now(),
+                State::HalfOpen { in_flight } if in_flight < self.cfg.probes => return,
+                State::HalfOpen { .. } => Duration::from_millis(200),
+            };
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Waits until a job may run: at once when closed, after the open time, and while
+    /// half-open for one of the probe slots.
+    pub async fn admit(self: &Arc<Self>) -> BreakerPermit {
+        loop {
+            let notified = self.changed.notified();
+            let wait = {
+                let mut s = self.lock();
+                match *s {
+                    State::Closed { .. } => {
+                        return BreakerPermit {
+                            breaker: self.clone(),
+                            probe: false,
+                            done: false,
+                        }
+                    }
+                    State::Open { until } if Instant::now() >= until => {
+                        *s = State::HalfOpen { in_flight: 1 };
+                        tracing::info!(kind = %self.kind, "circuit half-open: letting a probe through");
+                        return BreakerPermit {
+                            breaker: self.clone(),
+                            probe: true,
+                            done: false,
+                        };
+                    }
+                    State::Open { until } => until - Instant::now(),
+                    State::HalfOpen { in_flight } if in_flight < self.cfg.probes => {
+                        *s = State::HalfOpen {
+                            in_flight: in_flight + 1,
+                        };
+                        return BreakerPermit {
+                            breaker: self.clone(),
+                            probe: true,
+                            done: false,
+                        };
+                    }
+                    State::HalfOpen { .. } => Duration::from_millis(200),
+                }
+            };
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn record(&self, verdict: Verdict, probe: bool) -> Option<&'static str> {
+        let mut s = self.lock();
+        let before = *s;
+        *s = match (before, verdict) {
+            (State::Closed { .. }, Verdict::Success) => State::Closed { failures: 0 },
+            (State::Closed { failures }, Verdict::Failure) if failures + 1 >= self.cfg.failures => {
+                State::Open {
+                    until: Instant::now() + self.cfg.open_for,
+                }
+            }
+            (State::Closed { failures }, Verdict::Failure) => State::Closed {
+                failures: failures + 1,
+            },
+            (State::HalfOpen { .. }, Verdict::Success) if probe => State::Closed { failures: 0 },
+            (State::HalfOpen { .. }, Verdict::Failure) if probe => State::Open {
+                until: Instant::now() + self.cfg.open_for,
+            },
+            (State::HalfOpen { in_flight }, _) if probe => State::HalfOpen {
+                in_flight: in_flight.saturating_sub(1),
+            },
+            (other, _) => other,
+        };
+        let change = match (before, *s) {
+            (State::Open { .. }, _) => None,
+            (_, State::Open { .. }) => Some("breaker-open"),
+            (State::HalfOpen { .. }, State::Closed { .. }) => Some("breaker-closed"),
+            _ => None,
+        };
+        drop(s);
+        if let Some(c) = change {
+            tracing::warn!(kind = %self.kind, "circuit {c}");
+        }
+        self.changed.notify_waiters();
+        change
+    }
+
+    /// Opens until `until` (another worker's breaker opened), unless it is open already.
+    pub fn trip_until(&self, until: Instant) {
+        let mut s = self.lock();
+        if matches!(*s, State::Closed { .. }) && until > Instant::now() {
+            *s = State::Open { until };
+            tracing::warn!(kind = %self.kind, "circuit open: another worker's breaker opened");
+        }
+    }
+
+    /// How long it stays open from now (zero when not open).
+    pub fn open_for(&self) -> Duration {
+        match *self.lock() {
+            State::Open { until } => until.saturating_duration_since(Instant::now()),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_parse_and_bad_ones_name_the_problem() {
+        assert_eq!(
+            BreakerConfig::parse("5/30s"),
+            Ok(BreakerConfig {
+                failures: 5,
+                open_for: Duration::from_secs(30),
+                probes: 1
+            })
+        );
+        assert_eq!(BreakerConfig::parse("3/500ms/2").map(|c| c.probes), Ok(2));
+        let err = |s: &str| BreakerConfig::parse(s).err().unwrap_or_default();
+        assert!(err("5").contains("expected"));
+        assert!(err("0/1s").contains("FAILURES"));
+        assert!(err("5/soon").contains("OPEN_FOR"));
+        assert!(err("5/1s/0").contains("PROBES"));
+    }
+
+    #[tokio::test]
+    async fn opens_after_failures_then_probes_and_closes() {
+        let b = Breaker::new(
+            "x",
+            BreakerConfig {
+                failures: 2,
+                open_for: Duration::from_millis(100),
+                probes: 1,
+            },
+        );
+        assert_eq!(b.admit().await.finish(Verdict::Failure), None);
+        assert_eq!(
+            b.admit().await.finish(Verdict::Failure),
+            Some("breaker-open")
+        );
+        assert!(b.open_for() > Duration::ZERO);
+        // Open: no job is let through until the open time has passed.
+        assert!(tokio::time::timeout(Duration::from_millis(30), b.admit())
+            .await
+            .is_err());
+        let probe = b.admit().await;
+        // Half-open: one probe at a time.
+        assert!(tokio::time::timeout(Duration::from_millis(30), b.admit())
+            .await
+            .is_err());
+        assert_eq!(probe.finish(Verdict::Success), Some("breaker-closed"));
+        let p = b.admit().await;
+        drop(p);
+        // A neutral outcome changes nothing.
+        assert_eq!(b.open_for(), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_failed_probe_opens_it_again_and_remote_trips_open_it() {
+        let b = Breaker::new(
+            "x",
+            BreakerConfig {
+                failures: 1,
+                open_for: Duration::from_millis(50),
+                probes: 1,
+            },
+        );
+        assert_eq!(
+            b.admit().await.finish(Verdict::Failure),
+            Some("breaker-open")
+        );
+        assert_eq!(
+            b.admit().await.finish(Verdict::Failure),
+            Some("breaker-open")
+        );
+        assert_eq!(
+            b.admit().await.finish(Verdict::Success),
+            Some("breaker-closed")
+        );
+        b.trip_until(Instant::now() + Duration::from_secs(5));
+        assert!(b.open_for() > Duration::from_secs(4));
+    }
+}
