@@ -236,6 +236,14 @@ impl Names {
     pub fn results_queue(&self) -> String {
         format!("{}.results", self.ns)
     }
+    /// NATS subject of permit `i` of `kind`'s cluster-wide concurrency cap.
+    pub fn permit_subject(&self, kind: &str, i: u32) -> String {
+        format!("{}.permits.{kind}.{i}", self.ns)
+    }
+    /// AMQP queue of `kind`'s cluster-wide concurrency permits.
+    pub fn permit_queue(&self, kind: &str) -> String {
+        format!("{}.permits.{kind}", self.ns)
+    }
     /// AMQP stream queue that keeps the cancel requests of the last hour.
     pub fn control_log(&self) -> String {
         format!("{}.control.log", self.ns)

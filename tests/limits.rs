@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 both_brokers!(
     a_global_rate_holds_across_three_worker_processes,
     worker_rate_and_max_concurrent_hold_in_one_worker,
+    a_cluster_concurrency_cap_holds_across_three_worker_processes,
 );
 
 /// Polls `/stats` until `results` reaches `n`; returns when it did.
@@ -107,7 +108,7 @@ async fn worker_rate_and_max_concurrent_hold_in_one_worker(broker: Broker) {
         KindLimits {
             max_concurrent: Some(2),
             worker_rate: Some(Rate::parse("20/s").expect("rate")),
-            rate: None,
+            ..KindLimits::default()
         },
     );
     let config = WorkerConfig {
@@ -160,4 +161,91 @@ fn max_overlap(spans: &[(Instant, Instant)]) -> usize {
         most = most.max(now);
     }
     most as usize
+}
+
+async fn a_cluster_concurrency_cap_holds_across_three_worker_processes(broker: Broker) {
+    use conveyor::events::JobEvent;
+    use futures::StreamExt;
+    let cluster = Cluster::new(broker);
+    let _aggregator = cluster.aggregator("aggregator").await;
+    let args = [
+        "--kinds",
+        "sleep",
+        "--concurrency",
+        "4",
+        "--cluster-max-concurrent",
+        "sleep=3",
+    ];
+    let _workers: Vec<_> = (0..3)
+        .map(|n| cluster.worker(&format!("worker-{n}"), &args))
+        .collect();
+    let client = cluster.client().await;
+    let mut events = conveyor::events::watch(client.transport().as_ref(), Some("sleep"))
+        .await
+        .expect("watch");
+    // Until all three are live: the cap is shared by workers that could run 12 at once.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, stats) = http_get(cluster.http, "/stats").await;
+        if stats["workers"].as_u64() == Some(3) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "three live workers: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let specs = (0..30)
+        .map(|_| JobSpec::new("sleep", json!({"ms": 300})))
+        .collect();
+    let ids = common::cluster::publish_all(&client, specs).await;
+    // Each job's span from its `started` event to its final one: inside the time its worker
+    // held a permit (taken before the start, returned after the ack).
+    let mut started: HashMap<String, (u64, String)> = HashMap::new();
+    let mut spans = Vec::new();
+    while spans.len() < ids.len() {
+        let ev: JobEvent = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("events in time")
+            .expect("event stream");
+        match ev.state.as_str() {
+            "started" => {
+                started.insert(
+                    ev.id.clone(),
+                    (ev.at_ms, ev.worker.clone().unwrap_or_default()),
+                );
+            }
+            "succeeded" => {
+                let (at, worker) = started.remove(&ev.id).expect("started before it ended");
+                spans.push((at, ev.at_ms, worker));
+            }
+            "published" => {}
+            other => panic!("unexpected event {other}: {ev:?}"),
+        }
+    }
+    let mut edges: Vec<(u64, i32)> = spans
+        .iter()
+        .flat_map(|(s, e, _)| [(*s, 1), (*e, -1)])
+        .collect();
+    edges.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    let workers: std::collections::BTreeSet<_> = spans.iter().map(|s| s.2.clone()).collect();
+    eprintln!(
+        "cluster cap 3: at most {most} sleeps at once, over {} workers",
+        workers.len()
+    );
+    assert!(
+        most <= 3,
+        "{most} jobs ran at once against a cluster cap of 3"
+    );
+    assert!(most >= 2, "the cap's permits were used together ({most})");
+    assert!(
+        workers.len() >= 2,
+        "more than one worker took jobs: {workers:?}"
+    );
 }

@@ -216,6 +216,14 @@ pub trait Transport: Send + Sync + 'static {
     /// now on. Also returns how many were kept when it subscribed: the stream's first messages.
     async fn listen_control(&self) -> Result<(u64, MessageStream)>;
 
+    /// The `count` permits of `kind`'s cluster-wide concurrency cap, created once for the
+    /// namespace (never more than `count`), delivered to whoever holds one: a delivery is a held
+    /// permit, [`Delivery::nack`] returns it, and the broker returns the permits of a holder that
+    /// dies (RabbitMQ when its connection drops, JetStream after the lease unless
+    /// [`Delivery::progress`] extends it). `opts.prefetch` is how many this process may hold.
+    async fn permits(&self, kind: &str, count: u32, opts: ConsumeOptions)
+        -> Result<DeliveryStream>;
+
     /// Copies waiting in tee `name` of `kind` (delivered and unsettled ones included where the
     /// broker counts them).
     async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64>;

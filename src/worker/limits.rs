@@ -12,6 +12,8 @@
 //! spaced).
 
 use crate::error::{Error, Result};
+use crate::transport::{Delivery, DeliveryStream};
+use futures::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -82,6 +84,8 @@ pub struct KindLimits {
     pub worker_rate: Option<Rate>,
     /// Jobs a second across the cluster.
     pub rate: Option<Rate>,
+    /// Jobs of the kind at once across the cluster.
+    pub cluster_max_concurrent: Option<u32>,
 }
 
 /// Parses `KIND=VALUE` with `value` parsing VALUE; the error names the flag's input.
@@ -107,6 +111,52 @@ pub struct Gate {
     slots: Option<Arc<Semaphore>>,
     worker: Option<DefaultDirectRateLimiter>,
     global: Option<Shared>,
+    cluster: Option<tokio::sync::Mutex<DeliveryStream>>,
+    lease: Duration,
+}
+
+/// What passing the gate holds until the job is done: a slot of the kind in this worker and a
+/// permit of the cluster-wide cap, each returned when dropped.
+#[derive(Default)]
+pub struct Admission {
+    _slot: Option<OwnedSemaphorePermit>,
+    _cluster: Option<ClusterPermit>,
+}
+
+/// A held permit of a cluster-wide cap: a task keeps its lease while it is held and returns it
+/// to the broker when this is dropped.
+pub struct ClusterPermit {
+    release: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ClusterPermit {
+    fn hold(permit: Delivery, lease: Duration) -> Self {
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut ticker = super::lease_ticker(lease);
+            tokio::pin!(released);
+            loop {
+                tokio::select! {
+                    _ = &mut released => break,
+                    _ = ticker.tick() => { let _ = permit.progress().await; }
+                }
+            }
+            if let Err(e) = permit.nack().await {
+                tracing::warn!(error = %e, "could not return a cluster permit; the broker will");
+            }
+        });
+        ClusterPermit {
+            release: Some(release),
+        }
+    }
+}
+
+impl Drop for ClusterPermit {
+    fn drop(&mut self) {
+        if let Some(r) = self.release.take() {
+            let _ = r.send(());
+        }
+    }
 }
 
 impl Gate {
@@ -131,6 +181,8 @@ impl Gate {
             slots: limits.max_concurrent.map(|n| Arc::new(Semaphore::new(n))),
             worker,
             global,
+            cluster: None,
+            lease: Duration::from_secs(30),
         })
     }
 
@@ -142,6 +194,13 @@ impl Gate {
             p = p.min(u16::try_from(s.available_permits()).unwrap_or(u16::MAX));
         }
         p.max(1)
+    }
+
+    /// Takes the kind's cluster-wide permits from `permits` (see [`crate::transport::Transport::permits`]);
+    /// each is held while a job runs, its lease extended every third of `lease`.
+    pub fn set_cluster_permits(&mut self, permits: DeliveryStream, lease: Duration) {
+        self.cluster = Some(tokio::sync::Mutex::new(permits));
+        self.lease = lease;
     }
 
     /// True when the kind has a global rate (and so wants to know the live workers).
@@ -163,10 +222,32 @@ impl Gate {
         }
     }
 
-    /// Waits until a job of the kind may start here; the permit holds its concurrency slot.
-    pub async fn admit(&self) -> Option<OwnedSemaphorePermit> {
-        let permit = match &self.slots {
+    /// Waits until a job of the kind may start here; the admission holds its slots.
+    pub async fn admit(&self) -> Admission {
+        let slot = match &self.slots {
             Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        let cluster = match &self.cluster {
+            Some(permits) => {
+                let mut permits = permits.lock().await;
+                loop {
+                    match permits.next().await {
+                        Some(Ok(p)) => break Some(ClusterPermit::hold(p, self.lease)),
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "cluster permit consumer error");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        // The permit consumer ended: run without the cap rather than stop.
+                        None => {
+                            tracing::error!(
+                                "the cluster permit consumer ended; the cap no longer holds here"
+                            );
+                            break None;
+                        }
+                    }
+                }
+            }
             None => None,
         };
         if let Some(l) = &self.worker {
@@ -181,7 +262,10 @@ impl Gate {
                 .clone();
             limiter.until_ready().await;
         }
-        permit
+        Admission {
+            _slot: slot,
+            _cluster: cluster,
+        }
     }
 }
 

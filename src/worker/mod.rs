@@ -217,7 +217,27 @@ pub async fn run(
                 registry.kinds().join(", ")
             )));
         }
-        gates.insert(kind.clone(), Arc::new(limits::Gate::new(l)?));
+        let mut gate = limits::Gate::new(l)?;
+        if let Some(n) = l.cluster_max_concurrent {
+            if n == 0 {
+                return Err(Error::Config(
+                    "--cluster-max-concurrent must be at least 1".into(),
+                ));
+            }
+            let held = l
+                .max_concurrent
+                .unwrap_or(config.concurrency)
+                .min(n as usize);
+            let permits_opts = ConsumeOptions {
+                prefetch: u16::try_from(held).unwrap_or(u16::MAX),
+                ..opts
+            };
+            gate.set_cluster_permits(
+                transport.permits(kind, n, permits_opts).await?,
+                config.lease,
+            );
+        }
+        gates.insert(kind.clone(), Arc::new(gate));
     }
     let mut breakers: HashMap<String, Arc<breaker::Breaker>> = HashMap::new();
     for (kind, cfg) in &config.breakers {
@@ -416,7 +436,7 @@ async fn pump(
                 _ = shutdown.cancelled() => break,
                 p = g.admit() => p,
             },
-            None => None,
+            None => limits::Admission::default(),
         };
         let next = tokio::select! {
             biased;

@@ -57,6 +57,10 @@ struct Args {
     /// Most jobs of a kind running at once in this worker, as KIND=N (repeat or comma-separate).
     #[arg(long = "max-concurrent", env = "CONVEYOR_MAX_CONCURRENT", value_delimiter = ',', value_parser = parse_max_concurrent, value_name = "KIND=N")]
     max_concurrent: Vec<(String, usize)>,
+    /// Most jobs of a kind running at once across all the namespace's workers, as KIND=N (held
+    /// as N permits on the broker; a worker that dies gives its permits back).
+    #[arg(long = "cluster-max-concurrent", env = "CONVEYOR_CLUSTER_MAX_CONCURRENT", value_delimiter = ',', value_parser = parse_max_concurrent, value_name = "KIND=N")]
+    cluster_max_concurrent: Vec<(String, usize)>,
     /// Most jobs of a kind started per second by this worker alone, as KIND=N/s (or N/m, N/h;
     /// `@B` allows bursts of B).
     #[arg(long = "worker-rate", env = "CONVEYOR_WORKER_RATE", value_delimiter = ',', value_parser = parse_rate, value_name = "KIND=N/s")]
@@ -110,6 +114,10 @@ fn kind_limits(args: &Args) -> HashMap<String, KindLimits> {
     let mut out: HashMap<String, KindLimits> = HashMap::new();
     for (k, n) in &args.max_concurrent {
         out.entry(k.clone()).or_default().max_concurrent = Some(*n);
+    }
+    for (k, n) in &args.cluster_max_concurrent {
+        out.entry(k.clone()).or_default().cluster_max_concurrent =
+            Some(u32::try_from(*n).unwrap_or(u32::MAX));
     }
     for (k, r) in &args.worker_rates {
         out.entry(k.clone()).or_default().worker_rate = Some(*r);

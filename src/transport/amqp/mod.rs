@@ -651,6 +651,36 @@ impl Inner {
     }
 }
 
+/// Settles a held permit: `nack` returns it to the queue.
+struct PermitAcker(lapin::Acker);
+
+#[async_trait]
+impl Acker for PermitAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        // A permit is never consumed, only returned.
+        self.nack().await
+    }
+    async fn nack(self: Box<Self>) -> Result<()> {
+        bounded("return permit", async {
+            self.0
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await
+                .map(drop)
+                .map_err(|e| Error::broker("return permit", e))
+        })
+        .await
+    }
+    async fn retry(self: Box<Self>, _next: Message, _delay: Duration) -> Result<()> {
+        self.nack().await
+    }
+    async fn progress(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// The cancel requests of the last hour: a stream queue on the control exchange, which every
 /// worker reads from its start (`x-stream-offset: first`) and then follows.
 fn control_log_binding(n: &Names) -> Binding {
@@ -910,6 +940,102 @@ impl Transport for AmqpTransport {
         self.listen(pattern).await
     }
 
+    async fn permits(
+        &self,
+        kind: &str,
+        count: u32,
+        opts: ConsumeOptions,
+    ) -> Result<DeliveryStream> {
+        crate::protocol::validate_kind(kind)?;
+        let queue = self.inner.names.permit_queue(kind);
+        let create = async {
+            // Check-and-create under a lock: an exclusive queue only one connection can hold.
+            let lock_name = format!("{queue}.lock");
+            let lock = loop {
+                let ch = self.inner.channel().await?;
+                let declared = ch
+                    .queue_declare(
+                        lock_name.as_str().into(),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                match declared {
+                    Ok(_) => break ch,
+                    // RESOURCE_LOCKED: another worker is creating the permits; its channel is
+                    // closed by the broker, so try again on a new one.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            let ch = self.inner.channel().await?;
+            let mut args = quorum_args();
+            args.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(i64::from(count.max(1))),
+            );
+            args.insert("x-overflow".into(), long("reject-publish"));
+            let q = ch
+                .queue_declare(queue.as_str().into(), durable(), args)
+                .await
+                .map_err(|e| amqp_error("declare permits", e))?;
+            // A new queue gets its permits: one with none ready and none held (no consumer). A
+            // worker that created them released the lock only after the broker confirmed them,
+            // so a later check sees them ready, or held by a consumer.
+            if q.message_count() == 0 && q.consumer_count() == 0 {
+                let ch = self
+                    .inner
+                    .channels
+                    .get()
+                    .await
+                    .map_err(|e| pool_error("channel pool", e))?;
+                for _ in 0..count {
+                    let confirm = ch
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions::default(),
+                            b"",
+                            BasicProperties::default(),
+                        )
+                        .await
+                        .map_err(|e| amqp_error("create permit", e))?;
+                    let _ = confirm.await;
+                }
+            }
+            let _ = ch.close(200, "declared".into()).await;
+            let _ = lock
+                .queue_delete(lock_name.as_str().into(), Default::default())
+                .await;
+            let _ = lock.close(200, "unlocked".into()).await;
+            Ok::<_, Error>(())
+        };
+        bounded("permits", create).await?;
+        let opened = bounded(
+            "consume permits",
+            self.inner.consume_queue(queue, opts, false),
+        )
+        .await?;
+        let (ch, consumer) = opened;
+        let kind = kind.to_string();
+        Ok(consumer
+            .map(move |d| {
+                let _keep_channel_open = &ch;
+                let d = d.map_err(|e| Error::broker("permit", e))?;
+                Ok(Delivery::new(
+                    kind.clone(),
+                    Message::default(),
+                    1,
+                    String::new(),
+                    Box::new(PermitAcker(d.acker)),
+                ))
+            })
+            .boxed())
+    }
+
     async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64> {
         let queue = self.inner.names.tee_queue(name, kind);
         let ch = self.inner.channel().await?;
@@ -1004,6 +1130,7 @@ impl Transport for AmqpTransport {
             n.control_log(),
         ];
         queues.extend(kinds.iter().map(|kind| n.job_queue(kind)));
+        queues.extend(kinds.iter().map(|kind| n.permit_queue(kind)));
         // Every delay a retry can have been rounded to (see `AmqpAcker::retry`).
         queues.extend(crate::protocol::retry_delays_ms().map(|ms| n.retry_queue(ms)));
         for q in queues {

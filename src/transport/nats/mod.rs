@@ -512,6 +512,56 @@ impl Transport for NatsTransport {
         }
     }
 
+    async fn permits(
+        &self,
+        kind: &str,
+        count: u32,
+        opts: ConsumeOptions,
+    ) -> Result<DeliveryStream> {
+        crate::protocol::validate_kind(kind)?;
+        let n = &self.names;
+        let ns = n.namespace();
+        // One message per permit, on a subject of its own holding at most one message; a permit
+        // is published only where none is (expected last subject sequence 0), so racing workers
+        // create each permit once.
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: n.stream("permits"),
+                subjects: vec![format!("{ns}.permits.>")],
+                retention: stream::RetentionPolicy::Limits,
+                max_messages_per_subject: 1,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::broker("declare stream", e))?;
+        for i in 0..count {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Expected-Last-Subject-Sequence", "0");
+            match self
+                .js
+                .publish_with_headers(n.permit_subject(kind, i), h, bytes::Bytes::new())
+                .await
+            {
+                Ok(ack) => {
+                    // Refused when the permit exists already: that is the point.
+                    let _ = ack.await;
+                }
+                Err(e) => return Err(Error::broker("create permit", e)),
+            }
+        }
+        self.pull(
+            n.stream("permits"),
+            format!("permits={}", kind.replace('.', "=")),
+            format!("{ns}.permits.{kind}.*"),
+            ConsumeOptions {
+                ephemeral: false,
+                ..opts
+            },
+        )
+        .await
+    }
+
     async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64> {
         let stream = self
             .js
@@ -639,7 +689,7 @@ impl Transport for NatsTransport {
     }
 
     async fn delete_namespace(&self, _kinds: &[String]) -> Result<()> {
-        for class in ["jobs", "results", "dead", "control", "tee"] {
+        for class in ["jobs", "results", "dead", "control", "tee", "permits"] {
             let name = self.names.stream(class);
             match self.js.delete_stream(&name).await {
                 Ok(_) => {}
