@@ -78,6 +78,21 @@ async fn try_complete(transport: &dyn Transport, store: &Store, group: &str) -> 
     let failed = view.failed > 0;
     publish_retrying(transport, route, msg.clone(), PATIENCE).await?;
     if failed {
+        let mut event = crate::events::JobEvent::new(
+            &chord.id,
+            &chord.kind,
+            crate::events::JobState::Failed,
+            0,
+        );
+        event.worker = Some("aggregator".into());
+        event.error = msg.headers.get(header::ERROR).map(str::to_string);
+        event.group = Some(group.to_string());
+        if let Err(e) = transport
+            .emit_event(&chord.kind, "failed", event.to_message())
+            .await
+        {
+            tracing::debug!(%group, error = %e, "chord failure event not sent");
+        }
         if let Some(to) = &chord.reply_to {
             if let Err(e) = transport.publish(Route::Reply(to.clone()), msg).await {
                 tracing::debug!(%group, error = %e, "chord reply not delivered (the waiter may be gone)");
