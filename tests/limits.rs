@@ -50,18 +50,7 @@ async fn a_global_rate_holds_across_three_worker_processes(broker: Broker) {
         .map(|n| cluster.worker(&format!("worker-{n}"), &args))
         .collect();
     // Until all three are live, and a little longer, so that each has heard the others.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, stats) = http_get(cluster.http, "/stats").await;
-        if stats["workers"].as_u64() == Some(3) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "three live workers: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cluster.wait_workers(3).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let client = cluster.client().await;
     let specs = (0..700)
@@ -184,18 +173,7 @@ async fn a_cluster_concurrency_cap_holds_across_three_worker_processes(broker: B
         .await
         .expect("watch");
     // Until all three are live: the cap is shared by workers that could run 12 at once.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, stats) = http_get(cluster.http, "/stats").await;
-        if stats["workers"].as_u64() == Some(3) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "three live workers: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cluster.wait_workers(3).await;
     let specs = (0..30)
         .map(|_| JobSpec::new("sleep", json!({"ms": 300})))
         .collect();

@@ -86,6 +86,14 @@ async fn delete_namespace(
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Sleeps for `d`, or forever when there is none (a `--for` that was not given).
+pub(crate) async fn sleep_or_never(d: Option<std::time::Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => futures::future::pending().await,
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     conveyor::cli::init_tracing("warn");

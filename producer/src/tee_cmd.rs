@@ -86,12 +86,7 @@ pub async fn run(broker: &BrokerUrl, namespace: &str, args: TeeArgs) -> anyhow::
         args.name, args.kind, args.backlog
     );
     let (stop, _) = conveyor::shutdown::on_signals();
-    let deadline = async {
-        match args.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => futures::future::pending().await,
-        }
-    };
+    let deadline = crate::sleep_or_never(args.duration);
     tokio::pin!(deadline);
     let mut seen = 0u64;
     while args.count.is_none_or(|n| seen < n) {

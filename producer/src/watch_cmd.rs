@@ -55,12 +55,7 @@ pub async fn run(broker: &BrokerUrl, namespace: &str, args: WatchArgs) -> anyhow
         args.kind.as_deref().unwrap_or("all")
     );
     let (stop, _) = conveyor::shutdown::on_signals();
-    let deadline = async {
-        match args.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => futures::future::pending().await,
-        }
-    };
+    let deadline = crate::sleep_or_never(args.duration);
     tokio::pin!(deadline);
     let mut seen = 0u64;
     let mut out = std::io::stdout().lock();

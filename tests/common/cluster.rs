@@ -74,6 +74,22 @@ impl Cluster {
         p
     }
 
+    /// Waits until the aggregator counts `n` live workers.
+    pub async fn wait_workers(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, stats) = http_get(self.http, "/stats").await;
+            if stats["workers"].as_u64() == Some(n) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} live workers: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn client(&self) -> Client {
         let url = conveyor::BrokerUrl::parse(&self.url).expect("url");
         Client::connect(&url, &self.ns).await.expect("client")
