@@ -1079,18 +1079,6 @@ impl Transport for AmqpTransport {
             ch.basic_qos(100, BasicQosOptions::default())
                 .await
                 .map_err(|e| amqp_error("basic.qos", e))?;
-            let kept = ch
-                .queue_declare(
-                    self.inner.names.control_log().as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| amqp_error("control log", e))?
-                .message_count();
             let mut args = FieldTable::default();
             args.insert("x-stream-offset".into(), long("first"));
             let consumer = ch
@@ -1102,10 +1090,10 @@ impl Transport for AmqpTransport {
                 )
                 .await
                 .map_err(|e| amqp_error("basic.consume", e))?;
-            Ok::<_, Error>((ch, consumer, kept))
+            Ok::<_, Error>((ch, consumer))
         };
-        let (ch, consumer, kept) = bounded("listen control", open).await?;
-        let messages = consumer
+        let (ch, consumer) = bounded("listen control", open).await?;
+        let mut messages = consumer
             .filter_map(move |d| {
                 let _keep_channel_open = &ch;
                 async move {
@@ -1116,7 +1104,32 @@ impl Transport for AmqpTransport {
                 }
             })
             .boxed();
-        Ok((u64::from(kept), messages))
+        // The stream queue's message count lags behind its log, so the end of what is kept is
+        // found with a marker of this reader's own: everything before it in the log is kept.
+        let marker = format!("{{\"sync\":\"{}\"}}", crate::job::new_id());
+        let t = &self.inner;
+        t.publish_raw(
+            &t.names.exchange("control"),
+            "",
+            false,
+            &Message::new(Headers::new(), marker.clone()),
+        )
+        .await?;
+        let mut kept = Vec::new();
+        let read = async {
+            while let Some(m) = messages.next().await {
+                if m.body == marker.as_bytes() {
+                    return true;
+                }
+                kept.push(m);
+            }
+            false
+        };
+        if !matches!(tokio::time::timeout(OP_TIMEOUT, read).await, Ok(true)) {
+            return Err(Error::Timeout(OP_TIMEOUT, "reading the control log"));
+        }
+        let n = kept.len() as u64;
+        Ok((n, futures::stream::iter(kept).chain(messages).boxed()))
     }
 
     async fn delete_namespace(&self, kinds: &[String]) -> Result<()> {
