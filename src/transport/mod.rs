@@ -142,6 +142,15 @@ impl Delivery {
     }
 }
 
+/// A held singleflight claim: while it is held no other process can claim the same key.
+#[async_trait]
+pub trait FlightClaim: Send + Sync {
+    /// Keeps the claim alive (JetStream claims expire unless refreshed).
+    async fn refresh(&self) -> Result<()>;
+    /// Gives the claim up.
+    async fn release(self: Box<Self>) -> Result<()>;
+}
+
 /// A stream of deliveries; an `Err` item is a broker error the consumer may log and survive.
 pub type DeliveryStream = BoxStream<'static, Result<Delivery>>;
 /// A stream of plain messages (replies).
@@ -224,6 +233,11 @@ pub trait Transport: Send + Sync + 'static {
     async fn permits(&self, kind: &str, count: u32, opts: ConsumeOptions)
         -> Result<DeliveryStream>;
 
+    /// Claims singleflight key `key` (letters and digits) for this process: `None` when another
+    /// process holds it. A claim of a process that dies is freed by the broker (RabbitMQ when its
+    /// connection closes, JetStream when it is not refreshed for [`FLIGHT_TTL`]).
+    async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn FlightClaim>>>;
+
     /// Copies waiting in tee `name` of `kind` (delivered and unsettled ones included where the
     /// broker counts them).
     async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64>;
@@ -239,6 +253,9 @@ pub trait Transport: Send + Sync + 'static {
     /// queues). Every job, result and dead letter in them is lost: for tests and decommissioning.
     async fn delete_namespace(&self, kinds: &[String]) -> Result<()>;
 }
+
+/// How long a JetStream singleflight claim lives without a refresh.
+pub const FLIGHT_TTL: Duration = Duration::from_secs(6);
 
 /// Connects to the broker the URL names and declares the namespace's topology.
 pub async fn connect(url: &BrokerUrl, namespace: &str) -> Result<Arc<dyn Transport>> {

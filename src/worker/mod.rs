@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod builtin;
 pub mod cancel;
+pub mod flight;
 pub mod heartbeat;
 pub mod limits;
 #[cfg(feature = "postgres")]
@@ -135,6 +136,8 @@ pub struct Shared {
     pub cancels: Arc<cancel::Cancels>,
     /// What handlers can borrow.
     pub resources: Arc<resources::Resources>,
+    /// Singleflight keys in flight here.
+    pub flights: flight::Flights,
 }
 
 impl Shared {
@@ -287,6 +290,7 @@ pub async fn run(
         events,
         cancels: Arc::default(),
         resources: Arc::new(registry_resources),
+        flights: flight::Flights::default(),
     });
     let beating = CancellationToken::new();
     let requests = cancel::catch_up(transport.as_ref(), &shared.cancels).await;

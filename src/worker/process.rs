@@ -105,9 +105,18 @@ pub async fn process(
     }
     emit(&shared, &meta, JobState::Started, None);
     let requested = tracked.token.clone();
-    let outcome = tokio::select! {
-        r = run_handler(&shared, handler, &delivery, meta.clone(), input, abandon.clone(), requested) => r,
-        _ = abandon.cancelled() => None,
+    let run = || async {
+        tokio::select! {
+            r = run_handler(&shared, handler, &delivery, meta.clone(), input, abandon.clone(), requested) => r,
+            _ = abandon.cancelled() => None,
+        }
+    };
+    let outcome = match delivery.message.headers.get(header::DEDUP_KEY) {
+        Some(key) if !key.is_empty() => {
+            let key = key.to_string();
+            super::flight::once(&shared, &key, &abandon, run).await
+        }
+        _ => run().await,
     };
     let Some(outcome) = outcome else {
         return hand_back(delivery).await;

@@ -651,6 +651,27 @@ impl Inner {
     }
 }
 
+/// A held RabbitMQ singleflight claim: an exclusive queue.
+struct AmqpFlight {
+    ch: lapin::Channel,
+    queue: String,
+}
+
+#[async_trait]
+impl super::FlightClaim for AmqpFlight {
+    async fn refresh(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        let _ = self
+            .ch
+            .queue_delete(self.queue.as_str().into(), Default::default())
+            .await;
+        let _ = self.ch.close(200, "released".into()).await;
+        Ok(())
+    }
+}
+
 /// Settles a held permit: `nack` returns it to the queue.
 struct PermitAcker(lapin::Acker);
 
@@ -1034,6 +1055,28 @@ impl Transport for AmqpTransport {
                 ))
             })
             .boxed())
+    }
+
+    async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {
+        // An exclusive queue: one connection can hold it; it goes when that connection does.
+        let queue = format!("{}.flights.{key}", self.inner.names.namespace());
+        let ch = self.inner.channel().await?;
+        let declared = ch
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(_) => Ok(Some(Box::new(AmqpFlight { ch, queue }))),
+            Err(e) if e.to_string().contains("RESOURCE_LOCKED") => Ok(None),
+            Err(e) => Err(amqp_error("claim", e)),
+        }
     }
 
     async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64> {

@@ -359,6 +359,61 @@ impl NatsTransport {
     }
 }
 
+/// Publishes an empty message on `subject` only if the last one there has sequence `expected`
+/// (0: none). `Some(new sequence)`, or `None` when another publisher got there first.
+async fn publish_expecting(
+    js: &jetstream::Context,
+    subject: &str,
+    expected: u64,
+) -> Result<Option<u64>> {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        expected.to_string().as_str(),
+    );
+    let ack = js
+        .publish_with_headers(subject.to_string(), h, bytes::Bytes::new())
+        .await
+        .map_err(|e| Error::broker("claim", e))?;
+    match ack.await {
+        Ok(a) => Ok(Some(a.sequence)),
+        Err(e) if e.to_string().contains("wrong last sequence") => Ok(None),
+        Err(e) => Err(Error::broker("claim", e)),
+    }
+}
+
+/// A held JetStream singleflight claim.
+struct NatsFlight {
+    js: jetstream::Context,
+    stream: String,
+    subject: String,
+    seq: std::sync::Mutex<u64>,
+}
+
+#[async_trait]
+impl super::FlightClaim for NatsFlight {
+    async fn refresh(&self) -> Result<()> {
+        let seq = *self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(next) = publish_expecting(&self.js, &self.subject, seq).await? {
+            *self.seq.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        }
+        Ok(())
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        let seq = *self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| Error::broker("get stream", e))?;
+        stream
+            .delete_message(seq)
+            .await
+            .map_err(|e| Error::broker("release claim", e))?;
+        Ok(())
+    }
+}
+
 fn to_delivery(msg: jetstream::Message, prefix_len: usize) -> Delivery {
     let (count, broker_id) = match msg.info() {
         Ok(info) => (
@@ -562,6 +617,35 @@ impl Transport for NatsTransport {
         .await
     }
 
+    async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {
+        let n = &self.names;
+        let ns = n.namespace();
+        // A claim is the one message of its subject, published only where none is; it expires
+        // with the stream's max age unless refreshed.
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: n.stream("flights"),
+                subjects: vec![format!("{ns}.flights.>")],
+                retention: stream::RetentionPolicy::Limits,
+                max_messages_per_subject: 1,
+                max_age: super::FLIGHT_TTL,
+                storage: stream::StorageType::Memory,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::broker("declare stream", e))?;
+        let subject = format!("{ns}.flights.{key}");
+        match publish_expecting(&self.js, &subject, 0).await? {
+            Some(seq) => Ok(Some(Box::new(NatsFlight {
+                js: self.js.clone(),
+                stream: n.stream("flights"),
+                subject,
+                seq: std::sync::Mutex::new(seq),
+            }))),
+            None => Ok(None),
+        }
+    }
+
     async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64> {
         let stream = self
             .js
@@ -689,7 +773,9 @@ impl Transport for NatsTransport {
     }
 
     async fn delete_namespace(&self, _kinds: &[String]) -> Result<()> {
-        for class in ["jobs", "results", "dead", "control", "tee", "permits"] {
+        for class in [
+            "jobs", "results", "dead", "control", "tee", "permits", "flights",
+        ] {
             let name = self.names.stream(class);
             match self.js.delete_stream(&name).await {
                 Ok(_) => {}

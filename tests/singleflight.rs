@@ -1,0 +1,148 @@
+//! Singleflight on both real brokers: 100 jobs with one `Conveyor-Dedup-Key`, in flight at once
+//! over three workers (each with its own broker connection), run the handler once and all end
+//! with its output; a job with the key published afterwards runs again.
+
+mod common;
+
+use common::{test_worker_config, Broker};
+use conveyor::protocol::header;
+use conveyor::worker::{handler_fn, JobContext, Registry, WorkerConfig};
+use conveyor::{JobError, JobSpec};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+both_brokers!(
+    one_key_in_flight_runs_once_across_three_workers,
+    another_worker_takes_over_when_the_runner_is_killed,
+);
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn one_key_in_flight_runs_once_across_three_workers(broker: Broker) {
+    let url = broker.url();
+    let ns = common::unique_ns("s");
+    let runs = Arc::new(AtomicU32::new(0));
+    let stop = CancellationToken::new();
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let mut registry = Registry::new();
+        let counter = runs.clone();
+        registry.register(
+            "slow-count",
+            handler_fn(move |input: Value, _: JobContext| {
+                let counter = counter.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(input["ms"].as_u64().unwrap_or(0)))
+                        .await;
+                    let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                    Ok::<_, JobError>(json!({ "run": n }))
+                }
+            }),
+        );
+        let transport = conveyor::transport::connect(&url, &ns)
+            .await
+            .expect("worker connects");
+        let config = WorkerConfig {
+            concurrency: 40,
+            ..test_worker_config()
+        };
+        workers.push(tokio::spawn(conveyor::worker::run(
+            transport,
+            registry,
+            config,
+            stop.clone(),
+            CancellationToken::new(),
+        )));
+    }
+    let client = conveyor::Client::connect(&url, &ns).await.expect("client");
+    let mut waiter = client.waiter().await.expect("waiter");
+    let reply = waiter.address().to_string();
+    let job = |ms: u64| {
+        let mut spec = JobSpec::new("slow-count", json!({ "ms": ms })).reply_to(&reply);
+        spec.headers.insert(header::DEDUP_KEY, "report-2026-11");
+        spec
+    };
+    // 100 jobs, each running 2 s if it ran: all are in flight together (120 slots).
+    let ids = common::cluster::publish_all(&client, (0..100).map(|_| job(2000)).collect()).await;
+    let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
+    let ran = runs.load(Ordering::SeqCst);
+    // After the outcome, the key runs again.
+    let again = common::cluster::publish_all(&client, vec![job(0)]).await;
+    let later = waiter.wait_for(&again, WAIT, |_| {}).await;
+    stop.cancel();
+    for w in workers {
+        let _ = tokio::time::timeout(WAIT, w).await;
+    }
+    let _ = client.close().await;
+    common::delete_namespace(broker, &ns, &["slow-count".to_string()]);
+
+    assert_eq!(results.len(), 100, "every job got a result");
+    assert_eq!(ran, 1, "the handler ran once for 100 jobs with one key");
+    for r in &results {
+        assert!(r.succeeded(), "{r:?}");
+        assert_eq!(r.output, json!({"run": 1}), "{r:?}");
+    }
+    let ids_seen: std::collections::BTreeSet<_> = results.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids_seen.len(), 100, "each under its own id");
+    assert_eq!(later.len(), 1);
+    assert_eq!(
+        later[0].output,
+        json!({"run": 2}),
+        "a later job with the key ran again"
+    );
+}
+
+async fn another_worker_takes_over_when_the_runner_is_killed(broker: Broker) {
+    use conveyor::events::JobEvent;
+    use futures::StreamExt;
+    let cluster = common::cluster::Cluster::new(broker);
+    let _aggregator = cluster.aggregator("aggregator").await;
+    let args = ["--kinds", "sleep", "--concurrency", "30"];
+    let mut procs: Vec<_> = (0..3)
+        .map(|n| cluster.worker(&format!("worker-{n}"), &args))
+        .collect();
+    cluster.wait_workers(3).await;
+    let client = cluster.client().await;
+    let mut events = conveyor::events::watch(client.transport().as_ref(), Some("sleep"))
+        .await
+        .expect("watch");
+    let mut waiter = client.waiter().await.expect("waiter");
+    let reply = waiter.address().to_string();
+    let job = || {
+        let mut spec = JobSpec::new("sleep", json!({"ms": 4000})).reply_to(&reply);
+        spec.headers.insert(header::DEDUP_KEY, "rebuild-index");
+        spec
+    };
+    let first = client.publish(&job()).await.expect("published");
+    // The worker that started the first job runs the flight.
+    let runner = loop {
+        let ev: JobEvent = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("events")
+            .expect("event stream");
+        if ev.id == first && ev.state == "started" {
+            break ev.worker.unwrap_or_default();
+        }
+    };
+    let mut ids = vec![first];
+    ids.extend(common::cluster::publish_all(&client, (0..20).map(|_| job()).collect()).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at = procs
+        .iter()
+        .position(|p| runner.ends_with(&format!("-{}", p.pid())))
+        .expect("the runner is one of the workers");
+    procs[at].kill9();
+    // Nothing hangs: every job ends, the killed worker's ones redelivered to the others.
+    let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
+    assert_eq!(results.len(), ids.len(), "every job got a result");
+    assert!(results.iter().all(|r| r.succeeded()), "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r.worker.as_deref() != Some(runner.as_str())),
+        "the killed runner answered none"
+    );
+}
