@@ -138,6 +138,10 @@ pub struct Shared {
     pub resources: Arc<resources::Resources>,
     /// Singleflight keys in flight here.
     pub flights: flight::Flights,
+    /// Limits by kind, for jobs of limited kinds that come through the catch-all consumer.
+    pub gates: limits::Gates,
+    /// Breakers by kind, likewise.
+    pub breakers: HashMap<String, Arc<breaker::Breaker>>,
 }
 
 impl Shared {
@@ -291,6 +295,8 @@ pub async fn run(
         cancels: Arc::default(),
         resources: Arc::new(registry_resources),
         flights: flight::Flights::default(),
+        gates: gates.clone(),
+        breakers: breakers.clone(),
     });
     let beating = CancellationToken::new();
     let requests = cancel::catch_up(transport.as_ref(), &shared.cancels).await;
@@ -460,14 +466,29 @@ async fn pump(
                 break;
             }
         };
+        // A job of a limited kind can also come through the catch-all consumer (published before
+        // its kind's queue existed): it passes its kind's gate here, holding the delivery.
+        let kind_permit = match (&gate, shared.gates.get(&delivery.kind)) {
+            (None, Some(g)) => tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    let _ = delivery.nack().await;
+                    break;
+                }
+                p = g.admit() => p,
+            },
+            _ => kind_permit,
+        };
         let Some(permit) = wait_permit(&permits, &delivery, &shutdown, shared.config.lease).await
         else {
             let _ = delivery.nack().await;
             break;
         };
+        let breaker = breaker
+            .clone()
+            .or_else(|| shared.breakers.get(&delivery.kind).cloned());
         let shared = shared.clone();
         let abandon = abandon.clone();
-        let breaker = breaker.clone();
         jobs.spawn(async move {
             let outcome = process::process(shared.clone(), delivery, abandon, breaker).await;
             drop(permit);
