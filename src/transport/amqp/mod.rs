@@ -507,6 +507,29 @@ impl Inner {
         Ok(())
     }
 
+    /// Declares the exclusive queue `name` on a channel of its own: `Some(channel)` when this
+    /// connection holds it now, `None` when another connection does (RESOURCE_LOCKED; the broker
+    /// closes that channel). The queue goes when its holder deletes it or its connection closes.
+    async fn hold_exclusive(&self, name: &str) -> Result<Option<lapin::Channel>> {
+        let ch = self.channel().await?;
+        let declared = ch
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(_) => Ok(Some(ch)),
+            Err(e) if e.to_string().contains("RESOURCE_LOCKED") => Ok(None),
+            Err(e) => Err(amqp_error("declare exclusive queue", e)),
+        }
+    }
+
     /// A server-named exclusive queue, bound as `bind` says, consumed without acks (replies and
     /// broadcasts are at most once). Returns its name and what arrives.
     async fn private_queue(&self, bind: Bind) -> Result<(String, MessageStream)> {
@@ -973,23 +996,10 @@ impl Transport for AmqpTransport {
             // Check-and-create under a lock: an exclusive queue only one connection can hold.
             let lock_name = format!("{queue}.lock");
             let lock = loop {
-                let ch = self.inner.channel().await?;
-                let declared = ch
-                    .queue_declare(
-                        lock_name.as_str().into(),
-                        QueueDeclareOptions {
-                            exclusive: true,
-                            auto_delete: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await;
-                match declared {
-                    Ok(_) => break ch,
-                    // RESOURCE_LOCKED: another worker is creating the permits; its channel is
-                    // closed by the broker, so try again on a new one.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                match self.inner.hold_exclusive(&lock_name).await? {
+                    Some(ch) => break ch,
+                    // Another worker is creating the permits: try again.
+                    None => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             };
             let ch = self.inner.channel().await?;
@@ -1060,23 +1070,11 @@ impl Transport for AmqpTransport {
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {
         // An exclusive queue: one connection can hold it; it goes when that connection does.
         let queue = format!("{}.flights.{key}", self.inner.names.namespace());
-        let ch = self.inner.channel().await?;
-        let declared = ch
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(_) => Ok(Some(Box::new(AmqpFlight { ch, queue }))),
-            Err(e) if e.to_string().contains("RESOURCE_LOCKED") => Ok(None),
-            Err(e) => Err(amqp_error("claim", e)),
-        }
+        Ok(self
+            .inner
+            .hold_exclusive(&queue)
+            .await?
+            .map(|ch| Box::new(AmqpFlight { ch, queue }) as Box<dyn super::FlightClaim>))
     }
 
     async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64> {
