@@ -37,6 +37,7 @@ async fn wordcount_over_50_mb_equals_a_single_process_count(broker: Broker) {
     let expected = wordcount_local(&[&text]);
     drop(text);
     let cluster = Cluster::new(broker);
+    let _aggregator = cluster.aggregator("aggregator").await;
     let _workers: Vec<_> = (0..2)
         .map(|n| {
             cluster.worker(
@@ -45,6 +46,8 @@ async fn wordcount_over_50_mb_equals_a_single_process_count(broker: Broker) {
             )
         })
         .collect();
+    // Their queues exist once they beat (RabbitMQ would route earlier jobs to the unrouted queue).
+    cluster.wait_workers(2).await;
     let out_json = cluster.dir.path().join("counts.json");
     let input = path.to_str().expect("utf-8 path").to_string();
     let output = out_json.to_str().expect("utf-8 path").to_string();

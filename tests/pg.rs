@@ -52,6 +52,8 @@ async fn pg_insert_uses_at_most_its_pool_and_inserts_each_job_once(broker: Broke
             &table,
         ],
     );
+    // Its queue exists once it beats (RabbitMQ would route earlier jobs to the unrouted queue).
+    cluster.wait_workers(1).await;
     let client = cluster.client().await;
     let specs = (0..200)
         .map(|i| JobSpec::new("pg.insert", json!({"n": i, "note": "row"})))

@@ -229,6 +229,8 @@ async fn tally_worker(
 async fn chord_callback_runs_once_through_an_aggregator_kill(broker: Broker) {
     let (cluster, mut procs) =
         two_workers(broker, &["--concurrency", "4", "--kinds", "sleep"]).await;
+    // Their queue exists once they beat (RabbitMQ would route earlier jobs to the unrouted queue).
+    cluster.wait_workers(2).await;
     let runs = Arc::new(Mutex::new(Vec::new()));
     let (stop_tally, tally) = tally_worker(&cluster, runs.clone()).await;
     let client = cluster.client().await;
