@@ -158,6 +158,8 @@ pub struct JobMeta {
     pub group: Vec<(String, String)>,
     /// Kinds of the chain steps after this one.
     pub chain_rest: Vec<String>,
+    /// `Conveyor-Dedup-Key`: jobs with the same key in flight together run once.
+    pub dedup_key: Option<String>,
 }
 
 /// Headers a worker copies from a job onto its result, so that the aggregator and waiters can
@@ -268,6 +270,10 @@ impl JobMeta {
             codec,
             group,
             chain_rest,
+            dedup_key: h
+                .get(header::DEDUP_KEY)
+                .map(str::to_string)
+                .filter(|k| !k.is_empty()),
         })
     }
 
@@ -297,9 +303,13 @@ pub enum JobError {
     /// The job's deadline passed.
     #[error("timed out: {0}")]
     Timeout(String),
-    /// The job was cancelled.
+    /// The job was cancelled (what a handler returns when its token fires).
     #[error("cancelled")]
     Cancelled,
+    /// A cancel request named the job (its id, group or chain), before it ran or while it ran;
+    /// the text says which, and why.
+    #[error("{0}")]
+    CancelRequested(String),
 }
 
 impl JobError {

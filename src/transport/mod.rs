@@ -14,6 +14,8 @@ use std::time::Duration;
 pub mod amqp;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(test)]
+pub(crate) mod offline;
 
 /// Where a published message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,12 +8,17 @@
 //! a worker with a breaker for the kind that hears another worker's `breaker-open` opens its own
 //! until the same time: the cluster stops calling the failing dependency together.
 
+use super::controls::{Control, Held, Next};
+use super::registry::Job;
+use crate::job::JobError;
 use crate::message::{Headers, Message};
 use crate::protocol::header;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+use tower::ServiceExt;
 
 /// `F/T[/P]`: failures before opening, how long it stays open, probes at once when half-open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,6 +295,86 @@ impl Breaker {
             _ => Duration::ZERO,
         }
     }
+}
+
+/// Told of each state change of a breaker (`breaker-open`, `breaker-closed`).
+pub type OnChange = Arc<dyn Fn(&Breaker, &'static str) + Send + Sync>;
+
+/// The `breaker` control of a kind: its admission waits while the circuit is open (so the worker
+/// takes no job of the kind); its call waits for a probe slot when half-open, then counts the
+/// job's outcome.
+pub struct BreakerControl {
+    breaker: Arc<Breaker>,
+    on_change: OnChange,
+}
+
+impl BreakerControl {
+    /// The control of `breaker`; `on_change` hears its state changes.
+    pub fn new(breaker: Arc<Breaker>, on_change: OnChange) -> BreakerControl {
+        BreakerControl { breaker, on_change }
+    }
+}
+
+/// What an outcome says about the dependency behind the kind.
+pub fn verdict(outcome: &Result<serde_json::Value, JobError>) -> Verdict {
+    match outcome {
+        Ok(_) => Verdict::Success,
+        Err(JobError::Retry { .. } | JobError::Timeout(_)) => Verdict::Failure,
+        Err(_) => Verdict::Neutral,
+    }
+}
+
+impl Control for BreakerControl {
+    fn name(&self) -> &'static str {
+        "breaker"
+    }
+
+    fn admit(self: Arc<Self>) -> BoxFuture<'static, Held> {
+        Box::pin(async move {
+            self.breaker.ready().await;
+            Box::new(()) as Held
+        })
+    }
+
+    fn call(
+        self: Arc<Self>,
+        job: Job,
+        next: Next,
+    ) -> BoxFuture<'static, Result<serde_json::Value, JobError>> {
+        Box::pin(async move {
+            // A job taken just before the breaker opened waits here (its lease extended).
+            let permit = self.breaker.admit().await;
+            let outcome = next.oneshot(job).await;
+            if let Some(change) = permit.finish(verdict(&outcome)) {
+                (self.on_change)(&self.breaker, change);
+            }
+            outcome
+        })
+    }
+}
+
+/// An [`OnChange`] that publishes each change as an event of `worker`, in the background.
+pub fn announce(transport: Arc<dyn crate::transport::Transport>, worker: String) -> OnChange {
+    Arc::new(move |b: &Breaker, state: &'static str| {
+        let event = BreakerEvent {
+            kind: b.kind().to_string(),
+            state: state.to_string(),
+            worker: worker.clone(),
+            until_ms: (state == "breaker-open").then(|| {
+                crate::job::now_ms() + u64::try_from(b.open_for().as_millis()).unwrap_or(0)
+            }),
+            at_ms: crate::job::now_ms(),
+        };
+        let transport = transport.clone();
+        tokio::spawn(async move {
+            if let Err(e) = transport
+                .emit_event(&event.kind, &event.state, event.to_message())
+                .await
+            {
+                tracing::debug!(error = %e, "breaker event not sent");
+            }
+        });
+    })
 }
 
 #[cfg(test)]

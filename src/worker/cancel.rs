@@ -3,15 +3,21 @@
 //! an id or group that is not running yet is remembered (bounded in count and time), so its jobs
 //! end `cancelled` without running when they come up.
 
+use super::controls::{Control, Next};
+use super::registry::Job;
+use crate::job::{JobError, JobMeta};
 use crate::message::{Headers, Message};
 use crate::protocol::header;
 use crate::transport::{MessageStream, Transport};
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 /// A cancel request (the control message body).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +271,72 @@ impl Cancels {
             token,
             reason,
         }
+    }
+}
+
+impl<'a> JobKeys<'a> {
+    /// The keys of the job `meta` describes.
+    pub fn of(meta: &'a JobMeta) -> JobKeys<'a> {
+        JobKeys {
+            id: &meta.id,
+            group: meta.workflow(header::GROUP),
+            chain: meta.workflow(header::CHAIN),
+        }
+    }
+}
+
+/// Told when a job passes its cancel check and starts.
+pub type OnStart = Arc<dyn Fn(&JobMeta) + Send + Sync>;
+
+/// The `cancel` control: a job that a cancel request named before it came up ends `cancelled`
+/// without running; one named while it runs has its token fired, gets `grace` to stop, and ends
+/// `cancelled` (unless it still succeeded in the grace period).
+pub struct CancelControl {
+    cancels: Arc<Cancels>,
+    grace: Duration,
+    on_start: OnStart,
+}
+
+impl CancelControl {
+    /// The control over `cancels`; `on_start` hears each job that starts.
+    pub fn new(cancels: Arc<Cancels>, grace: Duration, on_start: OnStart) -> CancelControl {
+        CancelControl {
+            cancels,
+            grace,
+            on_start,
+        }
+    }
+}
+
+impl Control for CancelControl {
+    fn name(&self) -> &'static str {
+        "cancel"
+    }
+
+    fn call(self: Arc<Self>, job: Job, next: Next) -> BoxFuture<'static, Result<Value, JobError>> {
+        Box::pin(async move {
+            let tracked = self.cancels.track(JobKeys::of(&job.meta));
+            if tracked.token.is_cancelled() {
+                return Err(JobError::CancelRequested(format!(
+                    "cancelled before it ran: {}",
+                    tracked.reason()
+                )));
+            }
+            (self.on_start)(&job.meta);
+            let token = job.cancel.clone();
+            let run = next.oneshot(job);
+            tokio::pin!(run);
+            tokio::select! {
+                outcome = &mut run => outcome,
+                _ = tracked.token.cancelled() => {
+                    token.cancel();
+                    match tokio::time::timeout(self.grace, &mut run).await {
+                        Ok(Ok(output)) => Ok(output),
+                        _ => Err(JobError::CancelRequested(tracked.reason())),
+                    }
+                }
+            }
+        })
     }
 }
 

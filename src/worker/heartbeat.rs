@@ -105,7 +105,7 @@ pub(crate) async fn run(
 /// subscription ends; stops with `stop`.
 pub async fn share_rates(
     transport: Arc<dyn Transport>,
-    gates: Vec<(String, Arc<super::limits::Gate>)>,
+    gates: Vec<(String, Arc<super::limits::RateControl>)>,
     me: String,
     stop: CancellationToken,
 ) {

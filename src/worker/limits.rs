@@ -1,4 +1,5 @@
-//! Per-kind limits of a worker, applied before the pump takes the next job from the consumer.
+//! Per-kind limits of a worker: the `rate` and `concurrency` controls, whose admissions the
+//! worker awaits before it takes the kind's next job from the consumer.
 //! A kind's prefetch is its concurrency limit, so jobs waiting for a slot stay in the broker;
 //! jobs waiting for a rate token are at most the kind's prefetch per worker:
 //!
@@ -11,11 +12,12 @@
 //! Rates are `N/s`, `N/m` or `N/h`, optionally with a burst: `50/s@10` (default burst 1: evenly
 //! spaced).
 
+use super::controls::{Control, Held};
 use crate::error::{Error, Result};
 use crate::transport::{Delivery, DeliveryStream};
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -101,22 +103,95 @@ pub fn parse_kind_value<T>(
 }
 
 /// The cluster share of a global rate: rebuilt when the number of live workers changes.
-struct Shared {
+struct Share {
     rate: Rate,
     current: Mutex<(u32, Arc<DefaultDirectRateLimiter>)>,
 }
 
-/// The gate jobs of one kind pass before they are taken from the broker.
-pub struct Gate {
-    slots: Option<Arc<Semaphore>>,
+/// The `rate` control of a kind: a token of this worker's rate, then of its share of the
+/// cluster's rate, before the next job is taken.
+pub struct RateControl {
     worker: Option<DefaultDirectRateLimiter>,
-    global: Option<Shared>,
+    global: Option<Share>,
+}
+
+impl RateControl {
+    /// The rate control for `limits`; `None` when it sets no rate.
+    pub fn new(limits: &KindLimits) -> Result<Option<RateControl>> {
+        let bad = |what: &str| Error::Config(format!("invalid {what}"));
+        let worker = match &limits.worker_rate {
+            Some(r) => Some(r.limiter(1).ok_or_else(|| bad("--worker-rate"))?),
+            None => None,
+        };
+        let global = match &limits.rate {
+            Some(r) => Some(Share {
+                rate: *r,
+                current: Mutex::new((1, Arc::new(r.limiter(1).ok_or_else(|| bad("--rate"))?))),
+            }),
+            None => None,
+        };
+        Ok((worker.is_some() || global.is_some()).then_some(RateControl { worker, global }))
+    }
+
+    /// True when the kind has a global rate (and so wants to know the live workers).
+    pub fn has_global_rate(&self) -> bool {
+        self.global.is_some()
+    }
+
+    /// Sets this worker's share of the global rate: `live` workers serve the kind.
+    pub fn set_live_workers(&self, live: u32) {
+        if let Some(g) = &self.global {
+            let live = live.max(1);
+            let mut cur = g.current.lock().unwrap_or_else(|p| p.into_inner());
+            if cur.0 != live {
+                if let Some(l) = g.rate.limiter(live) {
+                    *cur = (live, Arc::new(l));
+                    tracing::info!(live, "global rate shared among {live} worker(s)");
+                }
+            }
+        }
+    }
+
+    /// Waits for a token of each rate.
+    pub async fn wait(&self) {
+        if let Some(l) = &self.worker {
+            l.until_ready().await;
+        }
+        if let Some(g) = &self.global {
+            let limiter = g
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .clone();
+            limiter.until_ready().await;
+        }
+    }
+}
+
+impl Control for RateControl {
+    fn name(&self) -> &'static str {
+        "rate"
+    }
+
+    fn admit(self: Arc<Self>) -> BoxFuture<'static, Held> {
+        Box::pin(async move {
+            self.wait().await;
+            Box::new(()) as Held
+        })
+    }
+}
+
+/// The `concurrency` control of a kind: a slot of the kind in this worker, then a permit of the
+/// cluster-wide cap, both held until the job ends.
+pub struct ConcurrencyControl {
+    slots: Option<Arc<Semaphore>>,
     cluster: Option<tokio::sync::Mutex<DeliveryStream>>,
     lease: Duration,
 }
 
-/// What passing the gate holds until the job is done: a slot of the kind in this worker and a
-/// permit of the cluster-wide cap, each returned when dropped.
+/// What passing the concurrency control holds until the job is done: a slot of the kind in this
+/// worker and a permit of the cluster-wide cap, each returned when dropped.
 #[derive(Default)]
 pub struct Admission {
     _slot: Option<OwnedSemaphorePermit>,
@@ -159,31 +234,24 @@ impl Drop for ClusterPermit {
     }
 }
 
-impl Gate {
-    /// A gate for `limits`.
-    pub fn new(limits: &KindLimits) -> Result<Gate> {
-        let bad = |what: &str| Error::Config(format!("invalid {what}"));
+impl ConcurrencyControl {
+    /// The concurrency control for `limits`; `None` when it sets no concurrency limit. The
+    /// cluster-wide cap's permits are given with [`ConcurrencyControl::set_cluster_permits`].
+    pub fn new(limits: &KindLimits) -> Result<Option<ConcurrencyControl>> {
         if limits.max_concurrent == Some(0) {
             return Err(Error::Config("--max-concurrent must be at least 1".into()));
         }
-        let worker = match &limits.worker_rate {
-            Some(r) => Some(r.limiter(1).ok_or_else(|| bad("--worker-rate"))?),
-            None => None,
-        };
-        let global = match &limits.rate {
-            Some(r) => Some(Shared {
-                rate: *r,
-                current: Mutex::new((1, Arc::new(r.limiter(1).ok_or_else(|| bad("--rate"))?))),
-            }),
-            None => None,
-        };
-        Ok(Gate {
+        if limits.cluster_max_concurrent == Some(0) {
+            return Err(Error::Config(
+                "--cluster-max-concurrent must be at least 1".into(),
+            ));
+        }
+        let limited = limits.max_concurrent.is_some() || limits.cluster_max_concurrent.is_some();
+        Ok(limited.then(|| ConcurrencyControl {
             slots: limits.max_concurrent.map(|n| Arc::new(Semaphore::new(n))),
-            worker,
-            global,
             cluster: None,
             lease: Duration::from_secs(30),
-        })
+        }))
     }
 
     /// The broker prefetch for the kind: its concurrency limit when lower than `default`. (Not
@@ -201,25 +269,6 @@ impl Gate {
     pub fn set_cluster_permits(&mut self, permits: DeliveryStream, lease: Duration) {
         self.cluster = Some(tokio::sync::Mutex::new(permits));
         self.lease = lease;
-    }
-
-    /// True when the kind has a global rate (and so wants to know the live workers).
-    pub fn has_global_rate(&self) -> bool {
-        self.global.is_some()
-    }
-
-    /// Sets this worker's share of the global rate: `live` workers serve the kind.
-    pub fn set_live_workers(&self, live: u32) {
-        if let Some(g) = &self.global {
-            let live = live.max(1);
-            let mut cur = g.current.lock().unwrap_or_else(|p| p.into_inner());
-            if cur.0 != live {
-                if let Some(l) = g.rate.limiter(live) {
-                    *cur = (live, Arc::new(l));
-                    tracing::info!(live, "global rate shared among {live} worker(s)");
-                }
-            }
-        }
     }
 
     /// Waits until a job of the kind may start here; the admission holds its slots.
@@ -250,18 +299,6 @@ impl Gate {
             }
             None => None,
         };
-        if let Some(l) = &self.worker {
-            l.until_ready().await;
-        }
-        if let Some(g) = &self.global {
-            let limiter = g
-                .current
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .1
-                .clone();
-            limiter.until_ready().await;
-        }
         Admission {
             _slot: slot,
             _cluster: cluster,
@@ -269,8 +306,15 @@ impl Gate {
     }
 }
 
-/// Gates by kind.
-pub type Gates = HashMap<String, Arc<Gate>>;
+impl Control for ConcurrencyControl {
+    fn name(&self) -> &'static str {
+        "concurrency"
+    }
+
+    fn admit(self: Arc<Self>) -> BoxFuture<'static, Held> {
+        Box::pin(async move { Box::new(ConcurrencyControl::admit(&self).await) as Held })
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -300,19 +344,22 @@ mod tests {
             Ok(("hash".to_string(), 5))
         );
         assert!(parse_kind_value("hash", Rate::parse).is_err());
+        let none = KindLimits::default();
+        assert!(matches!(RateControl::new(&none), Ok(None)));
+        assert!(matches!(ConcurrencyControl::new(&none), Ok(None)));
     }
 
     #[tokio::test]
     async fn a_rate_spaces_jobs_and_its_share_shrinks_with_more_workers() {
-        let gate = Gate::new(&KindLimits {
+        let gate = RateControl::new(&KindLimits {
             rate: Rate::parse("100/s").ok(),
             ..KindLimits::default()
         })
-        .expect("gate");
-        assert_eq!(gate.prefetch(32), 32);
+        .expect("valid")
+        .expect("a rate");
         let start = tokio::time::Instant::now();
         for _ in 0..11 {
-            gate.admit().await;
+            gate.wait().await;
         }
         // 10 intervals of 10 ms (the first is free).
         assert!(
@@ -323,7 +370,7 @@ mod tests {
         gate.set_live_workers(4);
         let start = tokio::time::Instant::now();
         for _ in 0..6 {
-            gate.admit().await;
+            gate.wait().await;
         }
         // Now 25/s here: 5 intervals of 40 ms.
         assert!(
@@ -335,11 +382,12 @@ mod tests {
 
     #[tokio::test]
     async fn concurrency_slots_are_held_by_the_permit() {
-        let gate = Gate::new(&KindLimits {
+        let gate = ConcurrencyControl::new(&KindLimits {
             max_concurrent: Some(2),
             ..KindLimits::default()
         })
-        .expect("gate");
+        .expect("valid")
+        .expect("a limit");
         assert_eq!(gate.prefetch(32), 2);
         let a = gate.admit().await;
         let _b = gate.admit().await;

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod builtin;
 pub mod cancel;
+pub mod controls;
 pub mod flight;
 pub mod heartbeat;
 pub mod limits;
@@ -16,6 +17,8 @@ pub mod pg;
 pub mod process;
 pub mod registry;
 pub mod resources;
+mod stacks;
+pub mod timeout;
 
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -30,6 +33,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
 /// Worker settings (the `conveyor-worker` flags).
 #[derive(Debug, Clone)]
@@ -136,36 +140,8 @@ pub struct Shared {
     pub cancels: Arc<cancel::Cancels>,
     /// What handlers can borrow.
     pub resources: Arc<resources::Resources>,
-    /// Singleflight keys in flight here.
-    pub flights: flight::Flights,
-    /// Limits by kind, for jobs of limited kinds that come through the catch-all consumer.
-    pub gates: limits::Gates,
-    /// Breakers by kind, likewise.
-    pub breakers: HashMap<String, Arc<breaker::Breaker>>,
-}
-
-impl Shared {
-    /// Publishes a breaker's state change as an event, in the background.
-    pub fn breaker_changed(&self, b: &breaker::Breaker, state: &'static str) {
-        let event = breaker::BreakerEvent {
-            kind: b.kind().to_string(),
-            state: state.to_string(),
-            worker: self.config.worker_id.clone(),
-            until_ms: (state == "breaker-open").then(|| {
-                crate::job::now_ms() + u64::try_from(b.open_for().as_millis()).unwrap_or(0)
-            }),
-            at_ms: crate::job::now_ms(),
-        };
-        let transport = self.transport.clone();
-        tokio::spawn(async move {
-            if let Err(e) = transport
-                .emit_event(&event.kind, &event.state, event.to_message())
-                .await
-            {
-                tracing::debug!(error = %e, "breaker event not sent");
-            }
-        });
-    }
+    /// Each kind's controls, for jobs that come through the catch-all consumer.
+    pub stacks: HashMap<String, controls::Stack>,
 }
 
 impl Shared {
@@ -216,62 +192,60 @@ pub async fn run(
         ephemeral: false,
         cumulative: false,
     };
-    let mut gates = limits::Gates::new();
-    for (kind, l) in &config.kind_limits {
+    for kind in config.kind_limits.keys() {
         if registry.get(kind).is_none() {
             return Err(Error::Config(format!(
                 "a limit names kind {kind:?}, which this worker does not run (it runs {})",
                 registry.kinds().join(", ")
             )));
         }
-        let mut gate = limits::Gate::new(l)?;
-        if let Some(n) = l.cluster_max_concurrent {
-            if n == 0 {
-                return Err(Error::Config(
-                    "--cluster-max-concurrent must be at least 1".into(),
-                ));
-            }
-            let held = l
-                .max_concurrent
-                .unwrap_or(config.concurrency)
-                .min(n as usize);
-            let permits_opts = ConsumeOptions {
-                prefetch: u16::try_from(held).unwrap_or(u16::MAX),
-                ..opts
-            };
-            gate.set_cluster_permits(
-                transport.permits(kind, n, permits_opts).await?,
-                config.lease,
-            );
-        }
-        gates.insert(kind.clone(), Arc::new(gate));
     }
-    let mut breakers: HashMap<String, Arc<breaker::Breaker>> = HashMap::new();
-    for (kind, cfg) in &config.breakers {
+    for kind in config.breakers.keys() {
         if registry.get(kind).is_none() {
             return Err(Error::Config(format!(
                 "--breaker names kind {kind:?}, which this worker does not run (it runs {})",
                 registry.kinds().join(", ")
             )));
         }
-        breakers.insert(kind.clone(), breaker::Breaker::new(kind, *cfg));
     }
+    let events = if config.events {
+        crate::events::Emitter::spawn(transport.clone())
+    } else {
+        crate::events::Emitter::disabled()
+    };
+    let cancels: Arc<cancel::Cancels> = Arc::default();
+    let every_kind = stacks::EveryKind::new(&config, &transport, &events, &cancels);
+    let mut stacks = HashMap::new();
     let mut sources = Vec::new();
+    let mut rates = Vec::new();
+    let mut breakers = Vec::new();
     for kind in registry.kinds() {
-        let gate = gates.get(&kind).cloned();
-        let opts = ConsumeOptions {
-            prefetch: gate.as_ref().map_or(prefetch, |g| g.prefetch(prefetch)),
+        let Some(handler) = registry.get(&kind).cloned() else {
+            continue;
+        };
+        let k =
+            stacks::kind_controls(&kind, handler, &config, &transport, opts, &every_kind).await?;
+        let source_opts = ConsumeOptions {
+            prefetch: k.prefetch,
             ..opts
         };
-        let source = transport.consume(Source::Kind(kind.clone()), opts).await?;
-        let breaker = breakers.get(&kind).cloned();
-        sources.push((kind, source, gate, breaker));
+        let source = transport
+            .consume(Source::Kind(kind.clone()), source_opts)
+            .await?;
+        rates.extend(
+            k.rate
+                .filter(|r| r.has_global_rate())
+                .map(|r| (kind.clone(), r)),
+        );
+        breakers.extend(k.breaker);
+        sources.push((kind.clone(), source, Some(k.stack.clone())));
+        stacks.insert(kind, k.stack);
     }
     if config.kinds.is_none() {
         let unrouted = transport
             .consume(Source::Unrouted(registry.kinds()), opts)
             .await?;
-        sources.push(("(unrouted)".to_string(), unrouted, None, None));
+        sources.push(("(unrouted)".to_string(), unrouted, None));
     }
     tracing::info!(
         worker = %config.worker_id,
@@ -280,11 +254,6 @@ pub async fn run(
         concurrency = config.concurrency,
         "worker started"
     );
-    let events = if config.events {
-        crate::events::Emitter::spawn(transport.clone())
-    } else {
-        crate::events::Emitter::disabled()
-    };
     let registry_resources = registry.resources().clone();
     let shared = Arc::new(Shared {
         transport: transport.clone(),
@@ -292,11 +261,9 @@ pub async fn run(
         config,
         counters: Counters::default(),
         events,
-        cancels: Arc::default(),
+        cancels,
         resources: Arc::new(registry_resources),
-        flights: flight::Flights::default(),
-        gates: gates.clone(),
-        breakers: breakers.clone(),
+        stacks,
     });
     let beating = CancellationToken::new();
     let requests = cancel::catch_up(transport.as_ref(), &shared.cancels).await;
@@ -310,12 +277,11 @@ pub async fn run(
     let jobs = TaskTracker::new();
     let abandon = CancellationToken::new();
     let pumps = TaskTracker::new();
-    for (name, stream, gate, breaker) in sources {
+    for (name, stream, stack) in sources {
         pumps.spawn(pump(
             name,
             stream,
-            gate,
-            breaker,
+            stack,
             shared.clone(),
             permits.clone(),
             jobs.clone(),
@@ -336,21 +302,16 @@ pub async fn run(
         interval_ms: u64::try_from(shared.config.heartbeat.as_millis()).unwrap_or(u64::MAX),
         stopping: false,
     };
-    let sharing: Vec<(String, Arc<limits::Gate>)> = gates
-        .iter()
-        .filter(|(_, g)| g.has_global_rate())
-        .map(|(k, g)| (k.clone(), g.clone()))
-        .collect();
-    let share_task = (!sharing.is_empty()).then(|| {
+    let share_task = (!rates.is_empty()).then(|| {
         tokio::spawn(heartbeat::share_rates(
             transport.clone(),
-            sharing,
+            rates,
             shared.config.worker_id.clone(),
             beating.clone(),
         ))
     });
     let trips: Vec<_> = breakers
-        .values()
+        .iter()
         .map(|b| {
             tokio::spawn(follow_breaker(
                 transport.clone(),
@@ -418,40 +379,40 @@ pub async fn run(
     Ok(report)
 }
 
-/// Moves deliveries from one source into job tasks, one permit each. A kind with limits passes
-/// its gate before the next delivery is taken.
+/// Moves deliveries from one source into job tasks. For a kind's own source, the kind's controls
+/// admit the next job before it is taken from the consumer; a job that comes through the
+/// catch-all consumer passes its kind's admissions while the worker holds it. Then the job waits
+/// for a worker-wide slot.
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     name: String,
     mut stream: DeliveryStream,
-    gate: Option<Arc<limits::Gate>>,
-    breaker: Option<Arc<breaker::Breaker>>,
+    stack: Option<controls::Stack>,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     jobs: TaskTracker,
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
+    let lease = shared.config.lease;
     loop {
-        if let Some(b) = &breaker {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                () = b.ready() => {}
+        let admitted = match &stack {
+            Some(stack) => {
+                let mut svc = stack.service();
+                match controls::unless(&shutdown, svc.ready()).await {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(source = %name, error = %e, "controls not ready");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Some(Ok(_)) => Some(svc),
+                }
             }
-        }
-        let kind_permit = match &gate {
-            Some(g) => tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                p = g.admit() => p,
-            },
-            None => limits::Admission::default(),
+            None => None,
         };
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            d = stream.next() => d,
+        let Some(next) = controls::unless(&shutdown, stream.next()).await else {
+            break;
         };
         let delivery = match next {
             Some(Ok(d)) => d,
@@ -466,33 +427,34 @@ async fn pump(
                 break;
             }
         };
-        // A job of a limited kind can also come through the catch-all consumer (published before
-        // its kind's queue existed): it passes its kind's gate here, holding the delivery.
-        let kind_permit = match (&gate, shared.gates.get(&delivery.kind)) {
-            (None, Some(g)) => tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    let _ = delivery.nack().await;
-                    break;
+        let svc = match (admitted, shared.stacks.get(&delivery.kind)) {
+            (Some(svc), _) => Some(svc),
+            (None, None) => None,
+            (None, Some(stack)) => {
+                let mut svc = stack.service();
+                match holding(&delivery, &shutdown, lease, svc.ready()).await {
+                    Some(Ok(_)) => Some(svc),
+                    _ => {
+                        let _ = delivery.nack().await;
+                        break;
+                    }
                 }
-                p = g.admit() => p,
-            },
-            _ => kind_permit,
+            }
         };
-        let Some(permit) = wait_permit(&permits, &delivery, &shutdown, shared.config.lease).await
+        let Some(permit) = holding(&delivery, &shutdown, lease, permits.clone().acquire_owned())
+            .await
+            .and_then(|p| p.ok())
         else {
             let _ = delivery.nack().await;
             break;
         };
-        let breaker = breaker
-            .clone()
-            .or_else(|| shared.breakers.get(&delivery.kind).cloned());
         let shared = shared.clone();
         let abandon = abandon.clone();
         jobs.spawn(async move {
-            let outcome = process::process(shared.clone(), delivery, abandon, breaker).await;
+            let outcome =
+                controls::until_settled(process::process(shared.clone(), delivery, abandon, svc))
+                    .await;
             drop(permit);
-            drop(kind_permit);
             let c = &shared.counters;
             let counter = match outcome {
                 process::Outcome::Succeeded => &c.succeeded,
@@ -555,19 +517,18 @@ pub(crate) fn lease_ticker(lease: Duration) -> tokio::time::Interval {
     tokio::time::interval_at(tokio::time::Instant::now() + period, period)
 }
 
-/// Waits for a free slot, extending the delivery's lease meanwhile. `None` on shutdown.
-async fn wait_permit(
-    permits: &Arc<Semaphore>,
+/// Awaits `fut` while holding `delivery`, extending its lease meanwhile. `None` on shutdown.
+async fn holding<T>(
     delivery: &Delivery,
     shutdown: &CancellationToken,
     lease: Duration,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
     let mut ticker = lease_ticker(lease);
-    let acquire = permits.clone().acquire_owned();
-    tokio::pin!(acquire);
+    tokio::pin!(fut);
     loop {
         tokio::select! {
-            p = &mut acquire => return p.ok(),
+            v = &mut fut => return Some(v),
             _ = shutdown.cancelled() => return None,
             _ = ticker.tick() => { let _ = delivery.progress().await; }
         }

@@ -1,8 +1,8 @@
 //! One delivery, from broker to settled: validate, run, then publish the result (confirmed)
 //! before acking, retry with backoff, or dead-letter with the reason.
 
-use super::breaker::{Breaker, BreakerPermit, Verdict};
-use super::registry::{Handler, Job};
+use super::controls::Next;
+use super::registry::Job;
 use super::{lease_ticker, Shared};
 use crate::codec::Codec;
 use crate::error::Result;
@@ -17,7 +17,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+use tower::Service;
 
 /// How a delivery ended, for counters and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,13 +34,14 @@ pub enum Outcome {
     HandedBack,
 }
 
-/// Runs one delivery to its end. Never panics on input; broker errors leave the delivery to be
-/// redelivered.
+/// Runs one delivery to its end through `svc`, its kind's control stack, already admitted
+/// (`None` when this worker has no such kind). Never panics on input; broker errors leave the
+/// delivery to be redelivered.
 pub async fn process(
     shared: Arc<Shared>,
     delivery: Delivery,
     abandon: CancellationToken,
-    breaker: Option<Arc<Breaker>>,
+    svc: Option<Next>,
 ) -> Outcome {
     let kind = delivery.kind.clone();
     let body_len = delivery.message.body.len();
@@ -62,7 +63,7 @@ pub async fn process(
                 return dead(&shared, delivery, &meta, &reason).await;
             }
         };
-    let Some(handler) = shared.registry.get(&kind).cloned() else {
+    let Some(svc) = svc else {
         let reason = format!(
             "unknown job kind {kind:?}: this worker runs {}",
             shared.registry.kinds().join(", ")
@@ -85,57 +86,21 @@ pub async fn process(
         meta.timeout = shared.config.kind_timeouts.get(&meta.kind).copied();
     }
     let meta = Arc::new(meta);
-    // The breaker lets it through now, or it waits (holding its lease) until it does: a job
-    // taken just before the breaker opened.
-    let breaker = match breaker {
-        Some(b) => match readmit(&b, &delivery, shared.config.lease, &abandon).await {
-            Some(p) => Some(p),
-            None => return hand_back(delivery).await,
-        },
-        None => None,
+    let job = Job {
+        meta: meta.clone(),
+        input,
+        cancel: abandon.child_token(),
+        resources: shared.resources.clone(),
     };
-    let tracked = shared.cancels.track(super::cancel::JobKeys {
-        id: &meta.id,
-        group: meta.workflow(header::GROUP),
-        chain: meta.workflow(header::CHAIN),
-    });
-    if tracked.token.is_cancelled() {
-        let why = format!("cancelled before it ran: {}", tracked.reason());
-        return finish(&shared, delivery, &meta, Status::Cancelled, &why).await;
-    }
-    emit(&shared, &meta, JobState::Started, None);
-    let requested = tracked.token.clone();
-    let run = || async {
-        tokio::select! {
-            r = run_handler(&shared, handler, &delivery, meta.clone(), input, abandon.clone(), requested) => r,
-            _ = abandon.cancelled() => None,
-        }
-    };
-    let outcome = match delivery.message.headers.get(header::DEDUP_KEY) {
-        Some(key) if !key.is_empty() => {
-            let key = key.to_string();
-            super::flight::once(&shared, &key, &abandon, run).await
-        }
-        _ => run().await,
-    };
-    let Some(outcome) = outcome else {
+    let Some(outcome) = run_stack(&shared, svc, job, &delivery, &abandon).await else {
         return hand_back(delivery).await;
     };
-    if let Some(permit) = breaker {
-        let verdict = match &outcome {
-            Ok(_) => Verdict::Success,
-            Err(JobError::Retry { .. } | JobError::Timeout(_)) => Verdict::Failure,
-            Err(_) => Verdict::Neutral,
-        };
-        let b = permit.breaker();
-        if let Some(change) = permit.finish(verdict) {
-            shared.breaker_changed(&b, change);
-        }
-    }
     match outcome {
         Ok(output) => succeed(&shared, delivery, &meta, output).await,
         Err(JobError::Cancelled) => {
-            let why = tracked.reason();
+            finish(&shared, delivery, &meta, Status::Cancelled, "cancelled").await
+        }
+        Err(JobError::CancelRequested(why)) => {
             finish(&shared, delivery, &meta, Status::Cancelled, &why).await
         }
         Err(e) if e.is_retryable() && meta.attempt < meta.max_attempts => {
@@ -154,26 +119,33 @@ pub async fn process(
     }
 }
 
-/// Waits for the breaker to let the job through again, extending the delivery's lease
-/// meanwhile. `None` when the worker is abandoning its jobs.
-async fn readmit(
-    b: &Arc<Breaker>,
+/// Runs `job` through its kind's control stack and handler, polled in place (a panic fails only
+/// this job), extending the delivery's lease meanwhile. `None` when the worker abandons it.
+async fn run_stack(
+    shared: &Shared,
+    mut svc: Next,
+    job: Job,
     delivery: &Delivery,
-    lease: Duration,
     abandon: &CancellationToken,
-) -> Option<BreakerPermit> {
-    let mut ticker = lease_ticker(lease);
-    let admit = b.admit();
-    tokio::pin!(admit);
+) -> Option<Result<Value, JobError>> {
+    let _stop_handler = job.cancel.clone().drop_guard();
+    let run = AssertUnwindSafe(svc.call(job)).catch_unwind();
+    tokio::pin!(run);
+    let mut ticker = lease_ticker(shared.config.lease);
     loop {
         tokio::select! {
-            p = &mut admit => return Some(p),
+            biased;
+            _ = abandon.cancelled() => return None,
+            joined = &mut run => {
+                return Some(joined.unwrap_or_else(|panic| {
+                    Err(JobError::retry(format!("handler panicked: {}", panic_text(&panic))))
+                }));
+            }
             _ = ticker.tick() => {
                 if let Err(e) = delivery.progress().await {
-                    tracing::warn!(error = %e, "could not extend the lease of a held job");
+                    tracing::warn!(kind = %delivery.kind, error = %e, "could not extend the lease");
                 }
             }
-            _ = abandon.cancelled() => return None,
         }
     }
 }
@@ -192,71 +164,7 @@ fn fallback_meta(delivery: &Delivery, kind: &str) -> JobMeta {
         codec: Codec::Json,
         group: Vec::new(),
         chain_rest: Vec::new(),
-    }
-}
-
-/// Runs the handler in its own task (a panic fails only this job), extending the lease while it
-/// runs and enforcing the job's deadline. `None` means the worker is abandoning the job.
-async fn run_handler(
-    shared: &Shared,
-    handler: Handler,
-    delivery: &Delivery,
-    meta: Arc<JobMeta>,
-    input: Value,
-    abandon: CancellationToken,
-    requested: CancellationToken,
-) -> Option<Result<Value, JobError>> {
-    let cancel = abandon.child_token();
-    let job = Job {
-        meta: meta.clone(),
-        input,
-        cancel: cancel.clone(),
-        resources: shared.resources.clone(),
-    };
-    // Polled in place: a panic while polling fails only this job, and a handler that ignores its
-    // deadline is dropped after the grace period.
-    let task = AssertUnwindSafe(handler.oneshot(job)).catch_unwind();
-    let _guard = cancel.clone().drop_guard();
-    let mut ticker = lease_ticker(shared.config.lease);
-    let deadline = meta.timeout.map(|t| tokio::time::Instant::now() + t);
-    let sleep_deadline = async {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => futures::future::pending().await,
-        }
-    };
-    tokio::pin!(task, sleep_deadline);
-    loop {
-        tokio::select! {
-            joined = &mut task => {
-                return Some(match joined {
-                    Ok(r) => r,
-                    Err(panic) => Err(JobError::retry(format!("handler panicked: {}", panic_text(&panic)))),
-                });
-            }
-            _ = ticker.tick() => {
-                if let Err(e) = delivery.progress().await {
-                    tracing::warn!(job = %meta.id, error = %e, "could not extend the lease");
-                }
-            }
-            _ = &mut sleep_deadline => {
-                cancel.cancel();
-                // The handler gets a short grace period to notice, then it is left behind.
-                let grace = shared.config.timeout_grace;
-                let _ = tokio::time::timeout(grace, &mut task).await;
-                return Some(Err(JobError::Timeout(format!(
-                    "deadline of {} ms passed",
-                    meta.timeout.map(|t| t.as_millis()).unwrap_or(0)
-                ))));
-            }
-            _ = requested.cancelled() => {
-                // A cancel request: the handler gets the grace period to stop, then is left.
-                cancel.cancel();
-                let _ = tokio::time::timeout(shared.config.timeout_grace, &mut task).await;
-                return Some(Err(JobError::Cancelled));
-            }
-            _ = abandon.cancelled() => return None,
-        }
+        dedup_key: None,
     }
 }
 
@@ -465,15 +373,22 @@ fn next_chain_step(job: &Message, meta: &JobMeta, output: bytes::Bytes) -> (Stri
 
 /// Queues a lifecycle event of this job (never waits).
 fn emit(shared: &Shared, meta: &JobMeta, state: JobState, error: Option<&str>) {
+    shared
+        .events
+        .emit(job_event(meta, &shared.config.worker_id, state, error));
+}
+
+/// A lifecycle event of the job `meta` describes, as `worker` saw it.
+pub fn job_event(meta: &JobMeta, worker: &str, state: JobState, error: Option<&str>) -> JobEvent {
     let mut ev = JobEvent::new(&meta.id, &meta.kind, state, meta.attempt);
-    ev.worker = Some(shared.config.worker_id.clone());
+    ev.worker = Some(worker.to_string());
     ev.error = error.map(header_safe);
     ev.group = meta
         .group
         .iter()
         .find(|(k, _)| k == header::GROUP)
         .map(|(_, v)| v.clone());
-    shared.events.emit(ev);
+    ev
 }
 
 async fn settle(
@@ -504,5 +419,5 @@ async fn hand_back(delivery: Delivery) -> Outcome {
     Outcome::HandedBack
 }
 
-/// How long the handler of a timed-out job has to stop before it is left behind.
-pub const DEFAULT_TIMEOUT_GRACE: Duration = Duration::from_secs(2);
+/// How long the handler of a timed-out or cancelled job has to stop before it is left behind.
+pub const DEFAULT_TIMEOUT_GRACE: Duration = super::timeout::DEFAULT_GRACE;
