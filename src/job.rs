@@ -89,6 +89,14 @@ impl JobSpec {
         self
     }
 
+    /// Sets `Conveyor-Dedup-Key`: jobs with one key in flight at the same time run once across
+    /// the cluster, each ending with that outcome (singleflight).
+    pub fn dedup_key(mut self, key: impl Into<String>) -> Self {
+        self.headers
+            .insert(crate::protocol::header::DEDUP_KEY, key.into());
+        self
+    }
+
     /// Sets the reply address (from [`crate::Client::reply_inbox`]).
     pub fn reply_to(mut self, to: impl Into<String>) -> Self {
         self.reply_to = Some(to.into());

@@ -64,6 +64,13 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
             NS,
             "--retry-base",
             "50ms",
+            // Controls that use the broker: the role's permissions must cover them.
+            "--cluster-max-concurrent",
+            "sleep=2",
+            "--rate",
+            "echo=500/s",
+            "--breaker",
+            "fail=5/1s",
         ],
         dir,
     );
@@ -139,6 +146,66 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!("round trip with the role users: echo and a retried job succeeded and were recorded");
+
+    // Singleflight and the cluster-wide cap with the worker user: three jobs with one key.
+    let keyed = run(
+        "conveyor-producer",
+        &[
+            "--broker",
+            &producer_url,
+            "--namespace",
+            NS,
+            "publish",
+            "sleep",
+            "--payload",
+            r#"{"ms":300}"#,
+            "--count",
+            "3",
+            "--id",
+            "cfg-keyed",
+            "--dedup-key",
+            "cfg-key",
+            "--wait",
+            "--wait-timeout",
+            "30s",
+        ],
+    );
+    assert!(
+        keyed.status.success() && text(&keyed).matches("\"status\":\"succeeded\"").count() == 3,
+        "keyed sleeps with the role users:\n{}\n{}",
+        text(&keyed),
+        logs()
+    );
+    let worker_log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
+    // (RabbitMQ refuses the worker's declarations of the shared topology, which it then checks
+    // passively: those refusals are expected.)
+    let controls_refused = |line: &&str| {
+        line.contains("ACCESS_REFUSED")
+            && ["permits", "flights", "conveyor.events"]
+                .iter()
+                .any(|r| line.contains(r))
+    };
+    let lacking: Vec<&str> = worker_log
+        .lines()
+        .filter(|line| {
+            controls_refused(line)
+                || [
+                    "refused an operation",
+                    "singleflight claim failed",
+                    "singleflight unavailable",
+                    "cannot listen",
+                    "cannot follow",
+                ]
+                .iter()
+                .any(|m| line.contains(m))
+        })
+        .collect();
+    assert!(
+        lacking.is_empty(),
+        "the worker user lacks permissions:\n{}",
+        lacking.join("\n")
+    );
+    println!("with the worker user: a cluster cap, a global rate, a breaker and singleflight ran");
 
     // The worker user cannot publish jobs.
     let as_worker = transport::connect(&roles.parsed("worker"), NS)

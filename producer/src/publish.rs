@@ -32,6 +32,10 @@ pub struct PublishArgs {
     /// Deadline per attempt, in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Singleflight key (`Conveyor-Dedup-Key`): jobs with one key in flight at the same time
+    /// run once across the cluster and all end with that outcome.
+    #[arg(long)]
+    dedup_key: Option<String>,
     /// Body encoding: json or bincode.
     #[arg(long, default_value = "json")]
     codec: Codec,
@@ -121,6 +125,9 @@ pub async fn run(
             });
             spec.max_attempts = args.max_attempts;
             spec.timeout_ms = args.timeout_ms;
+            if let Some(key) = &args.dedup_key {
+                spec = spec.dedup_key(key.clone());
+            }
             if let Some(w) = &waiter {
                 spec.reply_to = Some(w.address().to_string());
             }
