@@ -135,18 +135,14 @@ impl Client {
 
 /// Sends a cancel request, retrying transient failures.
 async fn publish_control(transport: &dyn Transport, request: &CancelRequest) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + PUBLISH_PATIENCE;
-    let mut wait = Duration::from_millis(50);
-    loop {
-        match transport.send_control(request.to_message()).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() && tokio::time::Instant::now() + wait < deadline => {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let msg = request.to_message();
+    crate::transport::retry::retrying(
+        "sending a cancel request",
+        crate::transport::PUBLISH_BACKOFF,
+        PUBLISH_PATIENCE,
+        || transport.send_control(msg.clone()),
+    )
+    .await
 }
 
 /// A private reply address and the results that arrive there.

@@ -166,7 +166,17 @@ async fn restarts_twice_during_a_run(broker: &mut dyn OwnBroker, dir: &Path, boo
     // Every confirmed job is recorded, once (results count distinct ids); a publish that was not
     // confirmed may or may not have been stored, never twice.
     let results = stats["results"].as_u64().unwrap_or(0);
-    assert!((ids.len() as u64..=n).contains(&results), "{stats}");
+    let log_tail = |name: &str| {
+        let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    assert!(
+        (ids.len() as u64..=n).contains(&results),
+        "{stats}\nworker log, last lines:\n{}\naggregator log, last lines:\n{}",
+        log_tail("worker"),
+        log_tail("aggregator")
+    );
     assert_eq!(stats["by_status"]["succeeded"], json!(results), "{stats}");
     // The aggregator hears the worker's heartbeats again after the restarts.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

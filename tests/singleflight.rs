@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 both_brokers!(
     one_key_in_flight_runs_once_across_three_workers,
     another_worker_takes_over_when_the_runner_is_killed,
+    cancel_is_outside_singleflight_and_timeout_inside,
 );
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -145,4 +146,66 @@ async fn another_worker_takes_over_when_the_runner_is_killed(broker: Broker) {
             .all(|r| r.worker.as_deref() != Some(runner.as_str())),
         "the killed runner answered none"
     );
+}
+
+/// The layer order, seen through the broker: `cancel` wraps `singleflight`, so a waiting job that
+/// is cancelled ends at once while its leader runs on; `singleflight` wraps `timeout`, so the
+/// leader's deadline bounds the one run and a waiting job without a deadline shares `timed-out`.
+async fn cancel_is_outside_singleflight_and_timeout_inside(broker: Broker) {
+    let stack = common::Stack::start(broker, test_worker_config()).await;
+    let client = &stack.client;
+    let sleep = |id: &str, key: &str, ms: u64| {
+        JobSpec::new("sleep", json!({ "ms": ms }))
+            .id(id)
+            .dedup_key(key)
+            .max_attempts(1)
+    };
+    let started = std::time::Instant::now();
+    let mut lead = client
+        .submit(sleep("order-lead", "order-1", 3000))
+        .await
+        .expect("submit");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut follow = client
+        .submit(sleep("order-follow", "order-1", 3000))
+        .await
+        .expect("submit");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+        .cancel(&conveyor::worker::cancel::CancelRequest::job(
+            "order-follow",
+        ))
+        .await
+        .expect("cancel");
+    let followed = follow.result(WAIT).await.expect("follower's result");
+    let cancelled_after = started.elapsed();
+    assert_eq!(followed.status, "cancelled", "{followed:?}");
+    assert!(
+        cancelled_after < Duration::from_millis(2500),
+        "the waiting job ended at once, not with its leader ({cancelled_after:?})"
+    );
+    let led = lead.result(WAIT).await.expect("leader's result");
+    assert_eq!(led.status, "succeeded", "{led:?}");
+
+    let mut lead = client
+        .submit({
+            let mut spec = sleep("order-lead-2", "order-2", 20_000);
+            spec.timeout_ms = Some(500);
+            spec
+        })
+        .await
+        .expect("submit");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut follow = client
+        .submit(sleep("order-follow-2", "order-2", 20_000))
+        .await
+        .expect("submit");
+    let led = lead.result(WAIT).await.expect("leader's result");
+    let followed = follow.result(WAIT).await.expect("follower's result");
+    assert_eq!(led.status, "timed-out", "{led:?}");
+    assert_eq!(
+        followed.status, "timed-out",
+        "the waiting job shares the leader's timed-out run: {followed:?}"
+    );
+    stack.stop().await;
 }

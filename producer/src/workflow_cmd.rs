@@ -19,18 +19,26 @@ pub struct ChainArgs {
     /// The first step's input as JSON.
     #[arg(long, default_value = "null")]
     payload: String,
-    /// Chain id (steps get `<id>.<step>`).
+    #[command(flatten)]
+    common: WorkflowOpts,
+}
+
+/// What chains and groups share.
+#[derive(Debug, Args)]
+pub struct WorkflowOpts {
+    /// Workflow id (chain steps get `<id>.<step>`, group members `<id>.<index>`).
     #[arg(long)]
     id: Option<String>,
-    /// Attempts each step gets.
+    /// Attempts each step or member gets.
     #[arg(long)]
     max_attempts: Option<u32>,
-    /// Wait for the chain's result and print it; exit 1 unless it succeeded.
+    /// Wait for the outcome and print it; exit 1 unless it succeeded (a group: every member; a
+    /// chord: its callback). A group shows a progress bar.
     #[arg(long)]
     wait: bool,
-    /// How long --wait waits.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    wait_timeout: Duration,
+    /// How long --wait waits [default: 60s for a chain, 5m for a group].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wait_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -46,19 +54,8 @@ pub struct GroupArgs {
     /// Make it a chord: run a job of this kind once every member is done, on their outputs.
     #[arg(long)]
     callback: Option<String>,
-    /// Group id (members get `<id>.<index>`).
-    #[arg(long)]
-    id: Option<String>,
-    /// Attempts each member gets.
-    #[arg(long)]
-    max_attempts: Option<u32>,
-    /// Wait for every member (with a progress bar) and print the results; exit 1 unless all
-    /// succeeded (for a chord: unless the callback did).
-    #[arg(long)]
-    wait: bool,
-    /// How long --wait waits.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    wait_timeout: Duration,
+    #[command(flatten)]
+    common: WorkflowOpts,
 }
 
 /// Reads member inputs: a JSON array, or JSON lines.
@@ -109,16 +106,17 @@ pub async fn chain(
     let input: Value =
         serde_json::from_str(&args.payload).context("--payload is not valid JSON")?;
     let mut chain = Chain::new(args.steps.clone(), input);
-    chain.id = args.id.clone();
-    chain.max_attempts = args.max_attempts;
+    chain.id = args.common.id.clone();
+    chain.max_attempts = args.common.max_attempts;
     // Checked before connecting, so a bad step fails fast.
     chain.first_step()?;
     let client = Client::connect(broker, namespace)
         .await
         .with_context(|| format!("connecting to {broker}"))?;
-    let code = if args.wait {
+    let code = if args.common.wait {
         let mut handle = client.submit(chain).await?;
-        let r = handle.result(args.wait_timeout).await?;
+        let wait = args.common.wait_timeout.unwrap_or(Duration::from_secs(60));
+        let r = handle.result(wait).await?;
         println!("{}", serde_json::to_string(&r)?);
         exit_for(&r)
     } else {
@@ -149,13 +147,13 @@ pub async fn group(
         .into_iter()
         .map(|i| {
             let mut spec = JobSpec::new(args.kind.clone(), i);
-            spec.max_attempts = args.max_attempts;
+            spec.max_attempts = args.common.max_attempts;
             spec
         })
         .collect();
     let size = members.len();
     let mut group = Group::new(members).policy(args.policy);
-    group.id = args.id.clone();
+    group.id = args.common.id.clone();
     let what: Submission = match &args.callback {
         Some(cb) => {
             conveyor::protocol::validate_kind(cb)?;
@@ -166,16 +164,15 @@ pub async fn group(
     let client = Client::connect(broker, namespace)
         .await
         .with_context(|| format!("connecting to {broker}"))?;
-    let code = if args.wait {
+    let code = if args.common.wait {
+        let wait = args.common.wait_timeout.unwrap_or(Duration::from_secs(300));
         let mut handle = client.submit(what).await?;
         eprintln!("published group {} of {size} job(s)", handle.id());
         let r = if args.callback.is_some() {
-            handle.result(args.wait_timeout).await?
+            handle.result(wait).await?
         } else {
             let bar = progress(size, "done");
-            let r = handle
-                .result_with_progress(args.wait_timeout, |_| bar.inc(1))
-                .await;
+            let r = handle.result_with_progress(wait, |_| bar.inc(1)).await;
             bar.finish_and_clear();
             let r = r?;
             for m in handle.members() {

@@ -55,30 +55,23 @@ pub async fn run(
         let _ = tx.send(addr);
     }
     let liveness = Arc::new(workers::Liveness::default());
-    let mut beats = transport.listen(crate::worker::heartbeat::PATTERN).await?;
+    let first = transport.listen(crate::worker::heartbeat::PATTERN).await?;
     let heard = liveness.clone();
-    let (listen_on, listen_stop) = (transport.clone(), shutdown.clone());
+    let listen_on = transport.clone();
+    let subscribe = move || {
+        let transport = listen_on.clone();
+        async move { transport.listen(crate::worker::heartbeat::PATTERN).await }
+    };
+    let mut beats = crate::transport::retry::resubscribing(
+        "heartbeats",
+        Some(first),
+        subscribe,
+        shutdown.clone(),
+    );
     let listening = tokio::spawn(async move {
-        loop {
-            while let Some(msg) = beats.next().await {
-                if let Some(hb) = crate::worker::heartbeat::Heartbeat::from_message(&msg) {
-                    heard.beat(hb);
-                }
-            }
-            // The subscription ended (a RabbitMQ restart removes private queues): listen again.
-            loop {
-                tokio::select! {
-                    _ = listen_stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                match listen_on.listen(crate::worker::heartbeat::PATTERN).await {
-                    Ok(stream) => {
-                        tracing::info!("listening to heartbeats again");
-                        beats = stream;
-                        break;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot listen to heartbeats yet"),
-                }
+        while let Some(msg) = beats.next().await {
+            if let Some(hb) = crate::worker::heartbeat::Heartbeat::from_message(&msg) {
+                heard.beat(hb);
             }
         }
     });

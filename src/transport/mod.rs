@@ -16,6 +16,7 @@ pub mod amqp;
 pub mod nats;
 #[cfg(test)]
 pub(crate) mod offline;
+pub mod retry;
 
 /// Where a published message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,20 +281,19 @@ pub async fn connect_with_retry(
     namespace: &str,
     patience: Duration,
 ) -> Result<Arc<dyn Transport>> {
-    let deadline = tokio::time::Instant::now() + patience;
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match connect(url, namespace).await {
-            Ok(t) => return Ok(t),
-            Err(e) if e.is_transient() && tokio::time::Instant::now() + wait < deadline => {
-                tracing::warn!(broker = %url, error = %e, "broker not reachable, retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let backoff = retry::Backoff {
+        first: Duration::from_millis(100),
+        max: Duration::from_secs(5),
+    };
+    let what = format!("connecting to {url}");
+    retry::retrying(&what, backoff, patience, || connect(url, namespace)).await
 }
+
+/// The backoff of confirmed publishes: from 50 ms up to 2 s.
+pub const PUBLISH_BACKOFF: retry::Backoff = retry::Backoff {
+    first: Duration::from_millis(50),
+    max: Duration::from_secs(2),
+};
 
 /// Publishes with confirms, retrying transient failures with backoff until `patience` runs out.
 pub async fn publish_retrying(
@@ -302,17 +302,9 @@ pub async fn publish_retrying(
     msg: Message,
     patience: Duration,
 ) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + patience;
-    let mut wait = Duration::from_millis(50);
-    loop {
-        match transport.publish(route.clone(), msg.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() && tokio::time::Instant::now() + wait < deadline => {
-                tracing::warn!(?route, error = %e, "publish not confirmed, retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let what = format!("publish to {route:?}");
+    retry::retrying(&what, PUBLISH_BACKOFF, patience, || {
+        transport.publish(route.clone(), msg.clone())
+    })
+    .await
 }

@@ -8,6 +8,7 @@ use super::registry::Job;
 use crate::job::{JobError, JobMeta};
 use crate::message::{Headers, Message};
 use crate::protocol::header;
+use crate::transport::retry::resubscribing;
 use crate::transport::{MessageStream, Transport};
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -386,29 +387,16 @@ pub async fn catch_up(transport: &dyn Transport, cancels: &Cancels) -> Option<Me
 pub async fn listen(
     transport: Arc<dyn Transport>,
     cancels: Arc<Cancels>,
-    mut first: Option<MessageStream>,
+    first: Option<MessageStream>,
     stop: CancellationToken,
 ) {
-    loop {
-        let subscribed = match first.take() {
-            Some(s) => Ok(s),
-            None => transport.listen_control().await.map(|(_, s)| s),
-        };
-        match subscribed {
-            Ok(mut requests) => loop {
-                let msg = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    m = requests.next() => m,
-                };
-                let Some(msg) = msg else { break };
-                apply(&cancels, &msg);
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot listen to cancel requests yet"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
+    let subscribe = move || {
+        let transport = transport.clone();
+        async move { transport.listen_control().await.map(|(_, s)| s) }
+    };
+    let mut requests = resubscribing("cancel requests", first, subscribe, stop);
+    while let Some(msg) = requests.next().await {
+        apply(&cancels, &msg);
     }
 }
 

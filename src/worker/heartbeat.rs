@@ -114,41 +114,38 @@ pub async fn share_rates(
     use std::time::Instant;
     let mut seen: HashMap<String, (Heartbeat, Instant)> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let subscribe = move || {
+        let transport = transport.clone();
+        async move { transport.listen(PATTERN).await }
+    };
+    let mut beats = crate::transport::retry::resubscribing(
+        "heartbeats for the rate shares",
+        None,
+        subscribe,
+        stop,
+    );
     loop {
-        let mut beats = match transport.listen(PATTERN).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen to heartbeats for the rate shares yet");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        tokio::select! {
+            beat = beats.next() => match beat {
+                Some(msg) => {
+                    if let Some(hb) = Heartbeat::from_message(&msg) {
+                        seen.insert(hb.id.clone(), (hb, Instant::now()));
+                    }
                 }
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                beat = beats.next() => match beat {
-                    Some(msg) => {
-                        if let Some(hb) = Heartbeat::from_message(&msg) {
-                            seen.insert(hb.id.clone(), (hb, Instant::now()));
-                        }
-                    }
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    seen.retain(|_, (hb, at)| {
-                        !hb.stopping
-                            && at.elapsed() < Duration::from_millis(hb.interval_ms.max(100)) * 3
-                    });
-                    for (kind, gate) in &gates {
-                        let others = seen
-                            .values()
-                            .filter(|(hb, _)| hb.id != me)
-                            .filter(|(hb, _)| hb.kinds.is_empty() || hb.kinds.contains(kind))
-                            .count();
-                        gate.set_live_workers(u32::try_from(others + 1).unwrap_or(u32::MAX));
-                    }
+                None => return,
+            },
+            _ = tick.tick() => {
+                seen.retain(|_, (hb, at)| {
+                    !hb.stopping
+                        && at.elapsed() < Duration::from_millis(hb.interval_ms.max(100)) * 3
+                });
+                for (kind, gate) in &gates {
+                    let others = seen
+                        .values()
+                        .filter(|(hb, _)| hb.id != me)
+                        .filter(|(hb, _)| hb.kinds.is_empty() || hb.kinds.contains(kind))
+                        .count();
+                    gate.set_live_workers(u32::try_from(others + 1).unwrap_or(u32::MAX));
                 }
             }
         }

@@ -22,6 +22,7 @@ pub mod timeout;
 
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::transport::retry::resubscribing;
 use crate::transport::{ConsumeOptions, Delivery, DeliveryStream, Route, Source, Transport};
 use backoff::Backoff;
 use futures::{FutureExt, StreamExt};
@@ -482,30 +483,21 @@ async fn follow_breaker(
     stop: CancellationToken,
 ) {
     let pattern = format!("{}.breaker-open", breaker.kind());
-    loop {
-        match transport.listen_events(&pattern).await {
-            Ok(mut events) => loop {
-                let msg = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    m = events.next() => m,
-                };
-                let Some(msg) = msg else { break };
-                let Ok(ev) = serde_json::from_slice::<breaker::BreakerEvent>(&msg.body) else {
-                    continue;
-                };
-                if ev.worker != me {
-                    let left = ev
-                        .until_ms
-                        .unwrap_or(0)
-                        .saturating_sub(crate::job::now_ms());
-                    breaker.trip_until(std::time::Instant::now() + Duration::from_millis(left));
-                }
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot follow other workers' breakers yet"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+    let subscribe = move || {
+        let (transport, pattern) = (transport.clone(), pattern.clone());
+        async move { transport.listen_events(&pattern).await }
+    };
+    let mut events = resubscribing("other workers' breakers", None, subscribe, stop);
+    while let Some(msg) = events.next().await {
+        let Ok(ev) = serde_json::from_slice::<breaker::BreakerEvent>(&msg.body) else {
+            continue;
+        };
+        if ev.worker != me {
+            let left = ev
+                .until_ms
+                .unwrap_or(0)
+                .saturating_sub(crate::job::now_ms());
+            breaker.trip_until(std::time::Instant::now() + Duration::from_millis(left));
         }
     }
 }

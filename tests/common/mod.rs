@@ -95,6 +95,8 @@ pub fn test_worker_config() -> WorkerConfig {
     WorkerConfig {
         concurrency: 8,
         lease: Duration::from_secs(3),
+        // Often, so that a test's stack sees its worker soon after it starts.
+        heartbeat: Duration::from_millis(500),
         drain_timeout: Duration::from_secs(5),
         backoff: Backoff {
             base: Duration::from_millis(20),
@@ -163,6 +165,16 @@ impl Stack {
             .expect("aggregator ready in time")
             .expect("aggregator reports its address");
         let client = Client::connect(&url, &ns).await.expect("client connects");
+        // A worker beats once its queues are declared: until then, on RabbitMQ, a job of its
+        // kinds would go to the unrouted queue, which only a catch-all worker reads.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !worker.is_finished() && tokio::time::Instant::now() < deadline {
+            let (_, stats) = http_get(http, "/stats").await;
+            if stats["workers"].as_u64().unwrap_or(0) >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Stack {
             broker,
             ns,
