@@ -179,6 +179,7 @@ pub async fn conveyor_flow(client: &Client) -> Result<Flow> {
         lease: Duration::from_secs(30),
         ephemeral: true,
         cumulative: false,
+        one_at_a_time: false,
     };
     let results = client
         .transport()

@@ -105,14 +105,8 @@ async fn worker_rate_and_max_concurrent_hold_in_one_worker(broker: Broker) {
         kind_limits: limits,
         ..test_worker_config()
     };
+    // (The stack starts once its worker beats, so the probe queue exists.)
     let stack = Stack::start_with(broker, config, registry).await;
-    // The probe queue exists once the worker beats (RabbitMQ would route earlier jobs to the
-    // unrouted queue).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while http_get(stack.http, "/stats").await.1["workers"].as_u64() != Some(1) {
-        assert!(tokio::time::Instant::now() < deadline, "the worker beats");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // 40 jobs of 150 ms: two at a time allow about 13 a second, under the rate of 20/s...
     let slow = (0..40)
         .map(|_| JobSpec::new("probe", json!({"ms": 150})))
@@ -237,4 +231,54 @@ async fn a_cluster_concurrency_cap_holds_across_three_worker_processes(broker: B
         workers.len() >= 2,
         "more than one worker took jobs: {workers:?}"
     );
+}
+
+/// On NATS a rate-limited kind is pulled one job at a time, so the jobs waiting for a token stay
+/// in the stream, not in the worker (RabbitMQ's prefetch also caps running jobs, so it cannot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_jobs_waiting_on_a_rate_stay_in_the_stream() {
+    common::ensure_up(Broker::Nats);
+    let mut limits = HashMap::new();
+    limits.insert(
+        "echo".to_string(),
+        KindLimits {
+            worker_rate: Some(Rate::parse("4/s").expect("rate")),
+            ..KindLimits::default()
+        },
+    );
+    let config = WorkerConfig {
+        concurrency: 8,
+        kind_limits: limits,
+        ..test_worker_config()
+    };
+    let stack = Stack::start_with(Broker::Nats, config, builtin::registry()).await;
+    let jobs = (0..30)
+        .map(|i| JobSpec::new("echo", json!({ "i": i })))
+        .collect();
+    common::cluster::publish_all(&stack.client, jobs).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let nats = async_nats::connect(Broker::Nats.url_str())
+        .await
+        .expect("nats connects");
+    let js = async_nats::jetstream::new(nats);
+    let names = conveyor::protocol::Names::new(&stack.ns).expect("names");
+    let stream = js
+        .get_stream(names.stream("jobs"))
+        .await
+        .expect("jobs stream");
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&conveyor::protocol::consumer_name_for_kind("echo"))
+        .await
+        .expect("the kind's consumer");
+    let info = consumer.info().await.expect("consumer info");
+    let (pending, taken) = (info.num_pending, info.num_ack_pending);
+    eprintln!(
+        "rate 4/s after 1.5 s: {pending} jobs still in the stream, {taken} taken and unsettled"
+    );
+    stack.stop().await;
+    assert!(
+        taken <= 2,
+        "at most one job waits in the worker for a token (besides one settling): {taken}"
+    );
+    assert!(pending >= 15, "the rest wait in the stream: {pending}");
 }

@@ -87,6 +87,7 @@ pub async fn run(
         lease: Duration::from_secs(30),
         ephemeral: false,
         cumulative: true,
+        one_at_a_time: false,
     };
     let mut results = transport
         .consume(Source::Results("aggregator".into()), opts)

@@ -174,6 +174,10 @@ pub struct ConsumeOptions {
     /// its channel (AMQP `multiple`). Only for result and dead-letter readers. JetStream ignores
     /// it: its cumulative ack covers a whole consumer, across reader restarts.
     pub cumulative: bool,
+    /// Take one message at a time from the broker, for a kind whose jobs wait on a rate: JetStream
+    /// pulls one at a time, so waiting jobs stay in the stream. RabbitMQ ignores it (its prefetch
+    /// also caps the jobs running at once).
+    pub one_at_a_time: bool,
 }
 
 impl Default for ConsumeOptions {
@@ -183,6 +187,7 @@ impl Default for ConsumeOptions {
             lease: Duration::from_secs(30),
             ephemeral: false,
             cumulative: false,
+            one_at_a_time: false,
         }
     }
 }

@@ -192,6 +192,7 @@ pub async fn run(
         lease: config.lease,
         ephemeral: false,
         cumulative: false,
+        one_at_a_time: false,
     };
     for kind in config.kind_limits.keys() {
         if registry.get(kind).is_none() {
@@ -228,6 +229,7 @@ pub async fn run(
             stacks::kind_controls(&kind, handler, &config, &transport, opts, &every_kind).await?;
         let source_opts = ConsumeOptions {
             prefetch: k.prefetch,
+            one_at_a_time: k.rate.is_some(),
             ..opts
         };
         let source = transport

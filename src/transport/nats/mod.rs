@@ -291,7 +291,11 @@ impl NatsTransport {
             .map_err(|e| Error::broker("create consumer", e))?;
         let messages = consumer
             .stream()
-            .max_messages_per_batch(usize::from(opts.prefetch.max(1)))
+            .max_messages_per_batch(if opts.one_at_a_time {
+                1
+            } else {
+                usize::from(opts.prefetch.max(1))
+            })
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
