@@ -92,26 +92,26 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
     );
     wait_listening(&http, Duration::from_secs(30)).await;
     let producer_url = roles.url("producer");
-    let publish = |kind: &str, payload: &str, id: &str| {
-        run(
-            "conveyor-producer",
-            &[
-                "--broker",
-                &producer_url,
-                "--namespace",
-                NS,
-                "publish",
-                kind,
-                "--payload",
-                payload,
-                "--id",
-                id,
-                "--wait",
-                "--wait-timeout",
-                "30s",
-            ],
-        )
+    let publish_with = |kind: &str, payload: &str, id: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--broker",
+            &producer_url,
+            "--namespace",
+            NS,
+            "publish",
+            kind,
+            "--payload",
+            payload,
+            "--id",
+            id,
+            "--wait",
+            "--wait-timeout",
+            "30s",
+        ];
+        args.extend_from_slice(extra);
+        run("conveyor-producer", &args)
     };
+    let publish = |kind: &str, payload: &str, id: &str| publish_with(kind, payload, id, &[]);
     let echo = publish("echo", r#"{"role":"producer"}"#, "cfg-echo-1");
     let logs = || {
         ["worker", "aggregator"]
@@ -148,27 +148,11 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
     println!("round trip with the role users: echo and a retried job succeeded and were recorded");
 
     // Singleflight and the cluster-wide cap with the worker user: three jobs with one key.
-    let keyed = run(
-        "conveyor-producer",
-        &[
-            "--broker",
-            &producer_url,
-            "--namespace",
-            NS,
-            "publish",
-            "sleep",
-            "--payload",
-            r#"{"ms":300}"#,
-            "--count",
-            "3",
-            "--id",
-            "cfg-keyed",
-            "--dedup-key",
-            "cfg-key",
-            "--wait",
-            "--wait-timeout",
-            "30s",
-        ],
+    let keyed = publish_with(
+        "sleep",
+        r#"{"ms":300}"#,
+        "cfg-keyed",
+        &["--count", "3", "--dedup-key", "cfg-key"],
     );
     assert!(
         keyed.status.success() && text(&keyed).matches("\"status\":\"succeeded\"").count() == 3,
