@@ -1,4 +1,7 @@
-//! Publishing chord callbacks, and fail-fast cancels, once a batch is committed.
+//! Publishing chord callbacks, and sending fail-fast cancels, once a batch is committed.
+//!
+//! A fail-fast cancel is recorded as due in the transaction that counts the group's first
+//! failure, sent after the commit, then marked sent; the sweep sends again what was not marked.
 //!
 //! A due callback is published (confirmed) with the id `<group>.callback`, then marked published.
 //! If the aggregator dies between the two, the restarted one publishes it again with the same id:
@@ -30,20 +33,49 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 pub async fn act(transport: &dyn Transport, store: &Store, actions: GroupActions) {
     for (group, why) in actions.cancel {
         tracing::info!(%group, %why, "fail-fast group: cancelling the members not finished");
-        if let Err(e) = transport
-            .send_control(CancelRequest::group(&group, why).to_message())
-            .await
-        {
-            tracing::warn!(%group, error = %e, "could not send the fail-fast cancel");
-        }
+        cancel(transport, store, &group, &why).await;
     }
     for group in actions.chords_due {
         complete(transport, store, &group).await;
     }
 }
 
-/// Publishes every due callback (after a restart, or after a failed publish).
+/// Sends the fail-fast cancel of `group` (confirmed) and marks it sent; left due for the next
+/// sweep when it cannot be sent. Sending twice is harmless: a cancel names the group.
+async fn cancel(transport: &dyn Transport, store: &Store, group: &str, why: &str) {
+    let msg = CancelRequest::group(group, why.to_string()).to_message();
+    let sent = crate::transport::retry::retrying(
+        "sending a fail-fast cancel",
+        crate::transport::PUBLISH_BACKOFF,
+        PATIENCE,
+        || transport.send_control(msg.clone()),
+    )
+    .await;
+    match sent {
+        Ok(()) => {
+            let (s, g) = (store.clone(), group.to_string());
+            if let Err(e) = blocking(move || s.cancel_sent(&g)).await {
+                tracing::warn!(%group, error = %e, "cannot mark the fail-fast cancel sent");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%group, error = %e, "fail-fast cancel not sent yet; will try again")
+        }
+    }
+}
+
+/// Sends every due fail-fast cancel and publishes every due callback (after a restart, or after
+/// a failed send).
 pub async fn sweep(transport: &dyn Transport, store: &Store) {
+    let s = store.clone();
+    match blocking(move || s.due_cancels()).await {
+        Ok(due) => {
+            for (group, why) in due {
+                cancel(transport, store, &group, &why).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the due fail-fast cancels"),
+    }
     let s = store.clone();
     match blocking(move || s.due_chords()).await {
         Ok(due) => {

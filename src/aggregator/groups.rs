@@ -15,6 +15,8 @@ use std::collections::HashMap;
 pub(super) const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 pub(super) const MEMBERS: TableDefinition<&str, &str> = TableDefinition::new("group_members");
 pub(super) const DUE_CHORDS: TableDefinition<&str, u64> = TableDefinition::new("due_chords");
+/// Fail-fast cancels not yet sent: group → reason.
+pub(super) const DUE_CANCELS: TableDefinition<&str, &str> = TableDefinition::new("due_cancels");
 
 /// Where a chord's callback is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +113,7 @@ pub(super) struct Counter<'a, 't> {
     groups: &'a mut Table<'t, &'static str, &'static [u8]>,
     members: &'a mut Table<'t, &'static str, &'static str>,
     due: &'a mut Table<'t, &'static str, u64>,
+    cancels: &'a mut Table<'t, &'static str, &'static str>,
     touched: HashMap<String, GroupRecord>,
     actions: GroupActions,
 }
@@ -120,11 +123,13 @@ impl<'a, 't> Counter<'a, 't> {
         groups: &'a mut Table<'t, &'static str, &'static [u8]>,
         members: &'a mut Table<'t, &'static str, &'static str>,
         due: &'a mut Table<'t, &'static str, u64>,
+        cancels: &'a mut Table<'t, &'static str, &'static str>,
     ) -> Self {
         Counter {
             groups,
             members,
             due,
+            cancels,
             touched: HashMap::new(),
             actions: GroupActions::default(),
         }
@@ -170,6 +175,9 @@ impl<'a, 't> Counter<'a, 't> {
                     m.group,
                     g.first_failure.as_deref().unwrap_or("")
                 );
+                self.cancels
+                    .insert(m.group.as_str(), why.as_str())
+                    .map_err(store_err)?;
                 self.actions.cancel.push((m.group.clone(), why));
             }
         }

@@ -2,7 +2,8 @@
 //! results is one transaction, committed (fsync) before any of them is acked.
 
 use super::groups::{
-    self, ChordState, Counter, GroupActions, GroupRecord, GroupView, DUE_CHORDS, GROUPS, MEMBERS,
+    self, ChordState, Counter, GroupActions, GroupRecord, GroupView, DUE_CANCELS, DUE_CHORDS,
+    GROUPS, MEMBERS,
 };
 use crate::error::{Error, Result};
 use crate::result::JobResult;
@@ -62,6 +63,7 @@ impl Store {
             txn.open_table(GROUPS).map_err(store_err)?;
             txn.open_table(MEMBERS).map_err(store_err)?;
             txn.open_table(DUE_CHORDS).map_err(store_err)?;
+            txn.open_table(DUE_CANCELS).map_err(store_err)?;
         }
         txn.commit().map_err(store_err)?;
         Ok(Store { db: Arc::new(db) })
@@ -86,7 +88,8 @@ impl Store {
             let mut groups = txn.open_table(GROUPS).map_err(store_err)?;
             let mut members = txn.open_table(MEMBERS).map_err(store_err)?;
             let mut due = txn.open_table(DUE_CHORDS).map_err(store_err)?;
-            let mut counter = Counter::new(&mut groups, &mut members, &mut due);
+            let mut cancels = txn.open_table(DUE_CANCELS).map_err(store_err)?;
+            let mut counter = Counter::new(&mut groups, &mut members, &mut due, &mut cancels);
             let mut bump = |key: &str, by: u64| -> Result<()> {
                 let now = counters
                     .get(key)
@@ -149,6 +152,29 @@ impl Store {
             out.push(item.map_err(store_err)?.0.value().to_string());
         }
         Ok(out)
+    }
+
+    /// Fail-fast cancels recorded but not yet confirmed sent: (group, reason).
+    pub fn due_cancels(&self) -> Result<Vec<(String, String)>> {
+        let txn = self.db.begin_read().map_err(store_err)?;
+        let due = txn.open_table(DUE_CANCELS).map_err(store_err)?;
+        let mut out = Vec::new();
+        for item in due.iter().map_err(store_err)? {
+            let (group, why) = item.map_err(store_err)?;
+            out.push((group.value().to_string(), why.value().to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Marks the fail-fast cancel of `group` sent. Durable when it returns.
+    pub fn cancel_sent(&self, group: &str) -> Result<()> {
+        let txn = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut due = txn.open_table(DUE_CANCELS).map_err(store_err)?;
+            due.remove(group).map_err(store_err)?;
+        }
+        txn.commit().map_err(store_err)?;
+        Ok(())
     }
 
     /// Marks the callback of chord `group` published. Durable when it returns.
@@ -288,6 +314,26 @@ mod tests {
         assert_eq!((view.failed, view.done), (2, false));
         assert_eq!(view.results.iter().filter(|r| r.is_none()).count(), 2);
         assert_eq!(store.group("nope").expect("read"), None);
+    }
+
+    #[test]
+    fn a_fail_fast_cancel_stays_due_across_a_restart_until_it_is_marked_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.record(&[member("ff", 3, 1, "dead")]).expect("batch");
+            // The aggregator dies here, before the cancel is sent.
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let due = store.due_cancels().expect("due");
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].0, "ff");
+        assert!(due[0].1.contains("member 1"), "{}", due[0].1);
+        // A later failure of the group asks for no second cancel.
+        let out = store.record(&[member("ff", 3, 2, "dead")]).expect("batch");
+        assert!(out.groups.cancel.is_empty());
+        store.cancel_sent("ff").expect("mark");
+        assert!(store.due_cancels().expect("due").is_empty());
     }
 
     #[test]
