@@ -1,5 +1,6 @@
 //! Circuit breakers per kind (`--breaker KIND=F/T[/P]`): after F consecutive failed attempts
-//! (the handler's retryable errors and time-outs) the breaker opens for T. While it is open the
+//! (the handler's retryable errors and time-outs), or with `R%@N/T[/P]` when R % of the last N
+//! attempts failed, the breaker opens for T. While it is open the
 //! worker takes no job of the kind from the broker, so waiting jobs are neither failed nor spend
 //! attempts. Then it is half-open: P probe jobs at a time go through; a probe that succeeds closes
 //! it, one that fails opens it again.
@@ -20,32 +21,74 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
-/// `F/T[/P]`: failures before opening, how long it stays open, probes at once when half-open.
+/// When a closed breaker opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trip {
+    /// After this many failed attempts in a row.
+    Consecutive(u32),
+    /// When at least `percent` % of the last `window` attempts failed (once `window` were seen).
+    Ratio {
+        /// Failed attempts, in percent of the window.
+        percent: u32,
+        /// Attempts counted, the last ones (1 to 128).
+        window: u32,
+    },
+}
+
+/// The longest ratio window.
+pub const MAX_WINDOW: u32 = 128;
+
+/// `TRIP/T[/P]`: when it opens (`F` failures in a row, or `R%@N`: R % of the last N attempts),
+/// how long it stays open, probes at once when half-open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
-    /// Consecutive failed attempts that open it.
-    pub failures: u32,
+    /// When it opens.
+    pub trip: Trip,
     /// How long it stays open.
     pub open_for: Duration,
     /// Probe jobs at once while half-open.
     pub probes: u32,
 }
 
+impl Trip {
+    fn parse(s: &str, whole: &str) -> std::result::Result<Trip, String> {
+        let number = |n: &str, what: &str| {
+            n.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{whole:?}: {what} must be a whole number above 0"))
+        };
+        match s.split_once('@') {
+            None => Ok(Trip::Consecutive(number(s, "FAILURES")?)),
+            Some((ratio, window)) => {
+                let percent = ratio
+                    .trim()
+                    .strip_suffix('%')
+                    .ok_or_else(|| format!("{whole:?}: a ratio is written R%@N, e.g. 50%@20"))?;
+                let percent = number(percent, "the percentage")?;
+                let window = number(window, "the window")?;
+                if percent > 100 || window > MAX_WINDOW {
+                    return Err(format!(
+                        "{whole:?}: the percentage is at most 100 and the window at most {MAX_WINDOW}"
+                    ));
+                }
+                Ok(Trip::Ratio { percent, window })
+            }
+        }
+    }
+}
+
 impl BreakerConfig {
-    /// Parses `5/30s` or `5/30s/2`.
+    /// Parses `5/30s`, `5/30s/2`, or with a ratio `50%@20/30s[/2]`.
     pub fn parse(s: &str) -> std::result::Result<Self, String> {
         let mut parts = s.split('/');
         let (Some(f), Some(t)) = (parts.next(), parts.next()) else {
             return Err(format!(
-                "{s:?}: expected FAILURES/OPEN_FOR[/PROBES], e.g. 5/30s"
+                "{s:?}: expected FAILURES/OPEN_FOR[/PROBES] or R%@N/OPEN_FOR[/PROBES], e.g. 5/30s"
             ));
         };
-        let failures = f
-            .trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| format!("{s:?}: FAILURES must be a whole number above 0"))?;
+        let trip = Trip::parse(f, s)?;
         let open_for = humantime_like(t.trim())
             .ok_or_else(|| format!("{s:?}: OPEN_FOR must be a duration such as 30s or 500ms"))?;
         let probes = match parts.next() {
@@ -61,7 +104,7 @@ impl BreakerConfig {
             return Err(format!("{s:?}: expected FAILURES/OPEN_FOR[/PROBES]"));
         }
         Ok(BreakerConfig {
-            failures,
+            trip,
             open_for,
             probes,
         })
@@ -83,10 +126,26 @@ fn humantime_like(s: &str) -> Option<Duration> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { in_flight: u32 },
+    /// `failures` in a row; `recent` the last `seen` verdicts, newest in the lowest bit, 1 for a
+    /// failure.
+    Closed {
+        failures: u32,
+        recent: u128,
+        seen: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    HalfOpen {
+        in_flight: u32,
+    },
 }
+
+const CLOSED: State = State::Closed {
+    failures: 0,
+    recent: 0,
+    seen: 0,
+};
 
 /// What an attempt says about the dependency behind the kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +224,7 @@ impl Breaker {
         Arc::new(Breaker {
             kind: kind.to_string(),
             cfg,
-            state: Mutex::new(State::Closed { failures: 0 }),
+            state: Mutex::new(CLOSED),
             changed: Notify::new(),
         })
     }
@@ -246,20 +305,34 @@ impl Breaker {
     fn record(&self, verdict: Verdict, probe: bool) -> Option<&'static str> {
         let mut s = self.lock();
         let before = *s;
+        let open = State::Open {
+            until: Instant::now() + self.cfg.open_for,
+        };
         *s = match (before, verdict) {
-            (State::Closed { .. }, Verdict::Success) => State::Closed { failures: 0 },
-            (State::Closed { failures }, Verdict::Failure) if failures + 1 >= self.cfg.failures => {
-                State::Open {
-                    until: Instant::now() + self.cfg.open_for,
+            (
+                State::Closed {
+                    failures,
+                    recent,
+                    seen,
+                },
+                Verdict::Success | Verdict::Failure,
+            ) => {
+                let failed = verdict == Verdict::Failure;
+                let failures = if failed { failures + 1 } else { 0 };
+                let recent = (recent << 1) | u128::from(failed);
+                let seen = seen.saturating_add(1);
+                if self.trips(failures, recent, seen) {
+                    open
+                } else {
+                    State::Closed {
+                        failures,
+                        recent,
+                        seen,
+                    }
                 }
             }
-            (State::Closed { failures }, Verdict::Failure) => State::Closed {
-                failures: failures + 1,
-            },
-            (State::HalfOpen { .. }, Verdict::Success) if probe => State::Closed { failures: 0 },
-            (State::HalfOpen { .. }, Verdict::Failure) if probe => State::Open {
-                until: Instant::now() + self.cfg.open_for,
-            },
+            (State::HalfOpen { .. }, Verdict::Success) if probe => CLOSED,
+            (State::HalfOpen { .. }, Verdict::Failure) if probe => open,
             (State::HalfOpen { in_flight }, _) if probe => State::HalfOpen {
                 in_flight: in_flight.saturating_sub(1),
             },
@@ -277,6 +350,21 @@ impl Breaker {
         }
         self.changed.notify_waiters();
         change
+    }
+
+    /// True when a closed breaker with this record opens.
+    fn trips(&self, failures: u32, recent: u128, seen: u32) -> bool {
+        match self.cfg.trip {
+            Trip::Consecutive(n) => failures >= n,
+            Trip::Ratio { percent, window } => {
+                let mask = if window >= 128 {
+                    u128::MAX
+                } else {
+                    (1u128 << window) - 1
+                };
+                seen >= window && (recent & mask).count_ones() * 100 >= percent * window
+            }
+        }
     }
 
     /// Opens until `until` (another worker's breaker opened), unless it is open already.
@@ -386,7 +474,7 @@ mod tests {
         assert_eq!(
             BreakerConfig::parse("5/30s"),
             Ok(BreakerConfig {
-                failures: 5,
+                trip: Trip::Consecutive(5),
                 open_for: Duration::from_secs(30),
                 probes: 1
             })
@@ -397,6 +485,40 @@ mod tests {
         assert!(err("0/1s").contains("FAILURES"));
         assert!(err("5/soon").contains("OPEN_FOR"));
         assert!(err("5/1s/0").contains("PROBES"));
+        assert_eq!(
+            BreakerConfig::parse("50%@20/30s").map(|c| c.trip),
+            Ok(Trip::Ratio {
+                percent: 50,
+                window: 20
+            })
+        );
+        assert!(err("50@20/1s").contains("R%@N"));
+        assert!(err("150%@20/1s").contains("at most 100"));
+        assert!(err("50%@200/1s").contains("at most 128"));
+        assert!(err("50%@0/1s").contains("window"));
+    }
+
+    #[tokio::test]
+    async fn a_ratio_breaker_opens_on_the_share_of_failures_in_its_window() {
+        let b = Breaker::new("x", BreakerConfig::parse("50%@4/10s").expect("config"));
+        // A quarter failed: closed.
+        for v in [
+            Verdict::Failure,
+            Verdict::Success,
+            Verdict::Success,
+            Verdict::Success,
+        ] {
+            assert_eq!(b.admit().await.finish(v), None);
+        }
+        // Neutral outcomes do not count.
+        assert_eq!(b.admit().await.finish(Verdict::Neutral), None);
+        // Last four S, S, S, F: a quarter again; then S, S, F, F: half failed, so it opens.
+        assert_eq!(b.admit().await.finish(Verdict::Failure), None);
+        assert_eq!(
+            b.admit().await.finish(Verdict::Failure),
+            Some("breaker-open")
+        );
+        assert!(b.open_for() > Duration::ZERO);
     }
 
     #[tokio::test]
@@ -404,7 +526,7 @@ mod tests {
         let b = Breaker::new(
             "x",
             BreakerConfig {
-                failures: 2,
+                trip: Trip::Consecutive(2),
                 open_for: Duration::from_millis(100),
                 probes: 1,
             },
@@ -436,7 +558,7 @@ mod tests {
         let b = Breaker::new(
             "x",
             BreakerConfig {
-                failures: 1,
+                trip: Trip::Consecutive(1),
                 open_for: Duration::from_millis(50),
                 probes: 1,
             },

@@ -69,8 +69,9 @@ struct Args {
     /// KIND=N/s: each live worker serving the kind takes an equal share.
     #[arg(long = "rate", env = "CONVEYOR_RATE", value_delimiter = ',', value_parser = parse_rate, value_name = "KIND=N/s")]
     rates: Vec<(String, Rate)>,
-    /// Circuit breaker for a kind, as KIND=F/T[/P]: after F failed attempts in a row, take no job
-    /// of the kind for T, then let P probes through (`--breaker hash=5/30s`).
+    /// Circuit breaker for a kind, as KIND=F/T[/P]: after F failed attempts in a row (or with
+    /// R%@N in place of F, when R % of the last N attempts failed), take no job of the kind for
+    /// T, then let P probes through (`--breaker hash=5/30s`, `--breaker hash=50%@20/30s`).
     #[arg(long = "breaker", env = "CONVEYOR_BREAKER", value_delimiter = ',', value_parser = parse_breaker, value_name = "KIND=F/T")]
     breakers: Vec<(String, BreakerConfig)>,
     /// PostgreSQL for the `pg.insert` kind (postgres://user:pass@host:5432/db); without it the
