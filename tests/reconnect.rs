@@ -28,6 +28,13 @@ struct OwnNats {
     child: Option<Child>,
 }
 
+/// A failed test stops its server too.
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 impl OwnBroker for OwnNats {
     fn url(&self) -> String {
         format!("nats://{}", self.addr())
