@@ -286,8 +286,8 @@ pub async fn connect_with_retry(
     namespace: &str,
     patience: Duration,
 ) -> Result<Arc<dyn Transport>> {
-    let backoff = retry::Backoff {
-        first: Duration::from_millis(100),
+    let backoff = crate::worker::backoff::Backoff {
+        base: Duration::from_millis(100),
         max: Duration::from_secs(5),
     };
     let what = format!("connecting to {url}");
@@ -295,8 +295,8 @@ pub async fn connect_with_retry(
 }
 
 /// The backoff of confirmed publishes: from 50 ms up to 2 s.
-pub const PUBLISH_BACKOFF: retry::Backoff = retry::Backoff {
-    first: Duration::from_millis(50),
+pub const PUBLISH_BACKOFF: crate::worker::backoff::Backoff = crate::worker::backoff::Backoff {
+    base: Duration::from_millis(50),
     max: Duration::from_secs(2),
 };
 

@@ -4,22 +4,15 @@
 use super::MessageStream;
 use crate::error::Result;
 use crate::message::Message;
+use crate::worker::backoff::Backoff;
 use futures::{Stream, StreamExt};
 use std::future::Future;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Waits between attempts: from `first`, doubling up to `max`.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    /// The first wait.
-    pub first: Duration,
-    /// The longest wait.
-    pub max: Duration,
-}
-
 /// Runs `op` until it succeeds, fails for good (an error that is not transient), or `patience`
-/// would run out during the next wait; each transient failure is logged as `what`.
+/// would run out during the next wait; each transient failure is logged as `what`. The waits
+/// are `backoff`'s ceilings (no jitter): from its base, doubling up to its max.
 pub async fn retrying<T, F, Fut>(
     what: &str,
     backoff: Backoff,
@@ -31,14 +24,15 @@ where
     Fut: Future<Output = Result<T>>,
 {
     let deadline = tokio::time::Instant::now() + patience;
-    let mut wait = backoff.first;
+    let mut failed = 0u32;
     loop {
+        failed = failed.saturating_add(1);
+        let wait = backoff.ceiling(failed);
         match op().await {
             Ok(v) => return Ok(v),
             Err(e) if e.is_transient() && tokio::time::Instant::now() + wait < deadline => {
                 tracing::warn!(error = %e, "{what} failed, retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(backoff.max);
             }
             Err(e) => return Err(e),
         }
@@ -158,7 +152,7 @@ mod tests {
     async fn transient_failures_are_retried_and_others_are_not() {
         let tries = AtomicU32::new(0);
         let backoff = Backoff {
-            first: Duration::from_millis(10),
+            base: Duration::from_millis(10),
             max: Duration::from_millis(40),
         };
         let out = retrying("test", backoff, Duration::from_secs(5), || {
