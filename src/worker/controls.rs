@@ -206,18 +206,6 @@ impl Stack {
     }
 }
 
-/// Awaits `fut`, or gives `None` when `stop` fires first.
-pub async fn unless<T>(
-    stop: &tokio_util::sync::CancellationToken,
-    fut: impl Future<Output = T>,
-) -> Option<T> {
-    tokio::select! {
-        biased;
-        _ = stop.cancelled() => None,
-        v = fut => Some(v),
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -402,7 +402,7 @@ async fn pump(
         let admitted = match &stack {
             Some(stack) => {
                 let mut svc = stack.service();
-                match controls::unless(&shutdown, svc.ready()).await {
+                match shutdown.run_until_cancelled(svc.ready()).await {
                     None => break,
                     Some(Err(e)) => {
                         tracing::warn!(source = %name, error = %e, "controls not ready");
@@ -414,7 +414,7 @@ async fn pump(
             }
             None => None,
         };
-        let Some(next) = controls::unless(&shutdown, stream.next()).await else {
+        let Some(next) = shutdown.run_until_cancelled(stream.next()).await else {
             break;
         };
         let delivery = match next {
