@@ -75,7 +75,7 @@ impl Default for WorkerConfig {
             max_body_bytes: 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
             lease: Duration::from_secs(30),
-            timeout_grace: process::DEFAULT_TIMEOUT_GRACE,
+            timeout_grace: timeout::DEFAULT_GRACE,
             kind_timeouts: HashMap::new(),
             kind_limits: HashMap::new(),
             breakers: HashMap::new(),
@@ -194,22 +194,8 @@ pub async fn run(
         cumulative: false,
         one_at_a_time: false,
     };
-    for kind in config.kind_limits.keys() {
-        if registry.get(kind).is_none() {
-            return Err(Error::Config(format!(
-                "a limit names kind {kind:?}, which this worker does not run (it runs {})",
-                registry.kinds().join(", ")
-            )));
-        }
-    }
-    for kind in config.breakers.keys() {
-        if registry.get(kind).is_none() {
-            return Err(Error::Config(format!(
-                "--breaker names kind {kind:?}, which this worker does not run (it runs {})",
-                registry.kinds().join(", ")
-            )));
-        }
-    }
+    runs_every(&registry, config.kind_limits.keys(), "a limit")?;
+    runs_every(&registry, config.breakers.keys(), "--breaker")?;
     let events = if config.events {
         crate::events::Emitter::spawn(transport.clone())
     } else {
@@ -380,6 +366,21 @@ pub async fn run(
         });
     }
     Ok(report)
+}
+
+/// An error naming `what` unless the registry has every one of `kinds`.
+fn runs_every<'a>(
+    registry: &Registry,
+    kinds: impl IntoIterator<Item = &'a String>,
+    what: &str,
+) -> Result<()> {
+    match kinds.into_iter().find(|k| registry.get(k).is_none()) {
+        Some(kind) => Err(Error::Config(format!(
+            "{what} names kind {kind:?}, which this worker does not run (it runs {})",
+            registry.kinds().join(", ")
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Moves deliveries from one source into job tasks. For a kind's own source, the kind's controls

@@ -15,7 +15,6 @@ use futures::FutureExt;
 use serde_json::Value;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
@@ -418,6 +417,3 @@ async fn hand_back(delivery: Delivery) -> Outcome {
     }
     Outcome::HandedBack
 }
-
-/// How long the handler of a timed-out or cancelled job has to stop before it is left behind.
-pub const DEFAULT_TIMEOUT_GRACE: Duration = super::timeout::DEFAULT_GRACE;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceExt;
 
-/// How long the handler of a timed-out job has to stop before it is left behind.
+/// How long the handler of a timed-out or cancelled job has to stop before it is left behind.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(2);
 
 /// See the module docs.
