@@ -81,6 +81,18 @@ impl BrokerUrl {
         self.credentials_file.as_deref()
     }
 
+    /// The NATS inbox prefix: reply addresses begin with it and a dot, and a job's reply address
+    /// must too. `_INBOX` unless the URL says `?inbox_prefix=...` (for accounts whose users may
+    /// only subscribe below a prefix of their own).
+    pub fn inbox_prefix(&self) -> String {
+        self.parsed
+            .query_pairs()
+            .find(|(k, _)| k == "inbox_prefix")
+            .map(|(_, v)| v.trim_end_matches('.').to_string())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "_INBOX".to_string())
+    }
+
     /// True for `tls://` and `amqps://`.
     pub fn is_tls(&self) -> bool {
         matches!(self.parsed.scheme(), "tls" | "amqps")
@@ -106,6 +118,9 @@ fn redact_url(u: &url::Url) -> String {
     let mut u = u.clone();
     if u.password().is_some() {
         let _ = u.set_password(Some("***"));
+    } else if !u.username().is_empty() {
+        // A user name without a password is a NATS token (`nats://TOKEN@host`): a secret.
+        let _ = u.set_username("***");
     }
     u.to_string()
 }
@@ -117,7 +132,8 @@ fn redact_str(s: &str) -> String {
             let creds = &s[start + 3..at];
             match creds.find(':') {
                 Some(colon) => format!("{}{}:***{}", &s[..start + 3], &creds[..colon], &s[at..]),
-                None => s.to_string(),
+                // No colon: the whole of it is a token.
+                None => format!("{}***{}", &s[..start + 3], &s[at..]),
             }
         }
         _ => s.to_string(),
@@ -178,5 +194,15 @@ mod tests {
             .map(|e| e.to_string());
         assert!(!bad.unwrap_or_default().contains("s3cret"));
         assert!(!redact_str("x://user:s3cret@ho st").contains("s3cret"));
+    }
+
+    #[test]
+    fn never_shows_a_nats_token() {
+        let u = BrokerUrl::parse("nats://s3cretT0ken@127.0.0.1:4222").expect("valid url");
+        assert!(!format!("{u}").contains("s3cretT0ken"), "{u}");
+        assert!(!format!("{u:?}").contains("s3cretT0ken"));
+        assert_eq!(u.to_string(), "nats://***@127.0.0.1:4222");
+        assert!(u.expose().contains("s3cretT0ken"));
+        assert!(!redact_str("x://s3cretT0ken@ho st").contains("s3cretT0ken"));
     }
 }

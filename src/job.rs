@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// The most attempts a job may ask for.
 pub const MAX_MAX_ATTEMPTS: u32 = 1000;
+/// The most steps a chain may have: `Conveyor-Chain-Step` and `-Length` above it are refused.
+pub const MAX_CHAIN_STEPS: u32 = 100_000;
 
 /// A new job id: a UUID v7 (time-ordered, unique across processes).
 pub fn new_id() -> String {
@@ -236,8 +238,13 @@ impl JobMeta {
                 header::GROUP_SIZE
             ));
         }
-        let _: Option<u32> = num_header(h, header::CHAIN_STEP)?;
-        let _: Option<u32> = num_header(h, header::CHAIN_LENGTH)?;
+        for name in [header::CHAIN_STEP, header::CHAIN_LENGTH] {
+            if let Some(n) = num_header::<u32>(h, name)?.filter(|n| *n >= MAX_CHAIN_STEPS) {
+                return Err(format!(
+                    "bad header {name}: {n} is not below {MAX_CHAIN_STEPS}, the most steps a chain may have"
+                ));
+            }
+        }
         if let Some(p) = h.get(header::GROUP_POLICY) {
             crate::workflow::Policy::parse(p)?;
         }
@@ -394,6 +401,25 @@ mod tests {
         let e = meta(Headers::new().with(header::CONTENT_TYPE, "text/xml"), 1).err();
         assert!(e.unwrap_or_default().contains("Content-Type"));
         assert!(meta(Headers::new().with(header::MAX_ATTEMPTS, "0"), 1).is_err());
+    }
+
+    #[test]
+    fn chain_steps_past_the_bound_are_refused() {
+        for (name, v) in [
+            (header::CHAIN_STEP, "4294967295"),
+            (header::CHAIN_LENGTH, "4294967295"),
+            (header::CHAIN_STEP, "100000"),
+        ] {
+            let h = Headers::new()
+                .with(name, v)
+                .with(header::CHAIN_REST, "echo");
+            let e = meta(h, 1).err().unwrap_or_default();
+            assert!(e.contains(name) && e.contains("most steps"), "{e}");
+        }
+        let h = Headers::new()
+            .with(header::CHAIN_STEP, "99998")
+            .with(header::CHAIN_REST, "echo");
+        assert!(meta(h, 1).is_ok());
     }
 
     #[test]

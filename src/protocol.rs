@@ -123,6 +123,42 @@ pub fn validate_kind(kind: &str) -> Result<()> {
     }
 }
 
+/// Checks that a job's NATS reply address `to` is a reply address: a plain subject (no
+/// wildcard, no white space or control character, at most 255 bytes) that begins with
+/// `reply_prefix` (the clients' inbox prefix, `_INBOX.` by default) and is neither the
+/// namespace's own (`<namespace>.>`) nor a system subject (anything that begins with `$`:
+/// `$JS.>`, `$SYS.>`, `$KV.>`, `$O.>`). A worker publishes a result there with its own
+/// credentials, so anything else would let whoever publishes a job speak for the worker.
+pub fn check_nats_reply(
+    namespace: &str,
+    reply_prefix: &str,
+    to: &str,
+) -> std::result::Result<(), String> {
+    if to.len() > 255 {
+        return Err(format!("reply address of {} bytes is too long", to.len()));
+    }
+    if to.is_empty()
+        || !to.bytes().all(|b| b.is_ascii_graphic())
+        || to.split('.').any(|t| t.is_empty() || t == "*" || t == ">")
+    {
+        return Err(format!("reply address {to:?} is not a plain NATS subject"));
+    }
+    if to.starts_with('$') {
+        return Err(format!("reply address {to:?} is a system subject"));
+    }
+    if to == namespace || to.starts_with(&format!("{namespace}.")) {
+        return Err(format!(
+            "reply address {to:?} is inside the namespace {namespace:?}"
+        ));
+    }
+    if !to.starts_with(reply_prefix) {
+        return Err(format!(
+            "reply address {to:?} does not begin with the reply prefix {reply_prefix:?}"
+        ));
+    }
+    Ok(())
+}
+
 /// How long the broker keeps cancel requests for workers that start later (and how long a
 /// worker remembers one).
 pub const CONTROL_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -281,6 +317,32 @@ pub fn consumer_name_for_kind(kind: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_go_only_to_the_reply_space() {
+        let ok = |to: &str| check_nats_reply("conveyor", "_INBOX.", to);
+        assert!(ok("_INBOX.abc.1").is_ok());
+        for bad in [
+            "$JS.API.STREAM.DELETE.CONVEYOR_DEAD",
+            "$SYS.REQ.SERVER.PING",
+            "$KV.x.y",
+            "conveyor.permits.sleep.9",
+            "conveyor.flights.k",
+            "conveyor.heartbeats.w",
+            "conveyor",
+            "_INBOX.*",
+            "_INBOX.>",
+            "_INBOX..a",
+            "_INBOX.a b",
+            "elsewhere.inbox",
+            "",
+        ] {
+            assert!(ok(bad).is_err(), "{bad:?} was let through");
+        }
+        assert!(ok(&format!("_INBOX.{}", "a".repeat(300))).is_err());
+        assert!(check_nats_reply("conveyor", "_INBOX_conveyor.", "_INBOX_conveyor.x").is_ok());
+        assert!(check_nats_reply("conveyor", "_INBOX_conveyor.", "_INBOX.x").is_err());
+    }
 
     #[test]
     fn retry_delays_round_up_within_range() {

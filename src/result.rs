@@ -81,7 +81,7 @@ impl JobResult {
     /// True for the last step of a chain, or a job that is no chain step.
     pub fn ends_chain(&self) -> bool {
         match (self.step, self.steps) {
-            (Some(step), Some(steps)) => step + 1 >= steps,
+            (Some(step), Some(steps)) => step.saturating_add(1) >= steps,
             _ => true,
         }
     }

@@ -146,6 +146,63 @@ fn restarts_killed_children_and_forwards_sigterm() {
     );
 }
 
+/// A second SIGTERM forces the stop: children that do not drain get a second SIGTERM and are
+/// killed a few seconds later, well before the drain timeout.
+#[test]
+fn a_second_sigterm_forces_the_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("sup.log");
+    // A child that takes note of SIGTERM and carries on, as a worker still draining would.
+    let script = "echo started; trap 'echo term' TERM; while :; do sleep 0.05; done";
+    let mut sup = supervisor(
+        &[
+            "--workers",
+            "2",
+            "--drain-timeout",
+            "120s",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        &log,
+    );
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("two children", Duration::from_secs(10), || {
+        read().lines().filter(|l| l.ends_with("] started")).count() == 2
+    });
+    let term = |pid: u32| {
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+    };
+    term(sup.id());
+    wait_until(
+        "the first SIGTERM forwarded",
+        Duration::from_secs(10),
+        || read().lines().filter(|l| l.ends_with("] term")).count() == 2,
+    );
+    let forced_at = Instant::now();
+    term(sup.id());
+    let status = wait_exit(
+        &mut sup,
+        Duration::from_secs(20),
+        "the supervisor stops well before its 120 s drain timeout",
+    );
+    let took = forced_at.elapsed();
+    let text = read();
+    eprintln!("stopped {took:?} after the second SIGTERM");
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.ends_with("] term")).count(),
+        4,
+        "each child got a second SIGTERM:\n{text}"
+    );
+    assert!(text.contains("killing it"), "{text}");
+}
+
 #[test]
 fn refuses_a_bad_backoff() {
     let out = Command::new(common::bin("conveyor-supervisor"))

@@ -6,9 +6,16 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::fmt;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+
+/// How often the supervisor looks whether a child has exited. The child is reaped only here,
+/// under the same lock as every signal sent to it, so no signal can reach a reaped pid (which
+/// the system may have given to another process).
+const REAP_POLL: Duration = Duration::from_millis(50);
 
 /// How a child ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +59,28 @@ pub struct Child {
     pid: u32,
     started: Instant,
     exited: oneshot::Receiver<()>,
+    /// The process until it is reaped, with its status once reaped.
+    process: Arc<Mutex<Reaping>>,
+}
+
+/// A child process, reaped by whoever first sees it exit (the waiter, or a signal sender).
+struct Reaping {
+    child: tokio::process::Child,
+    status: Option<std::io::Result<std::process::ExitStatus>>,
+}
+
+impl Reaping {
+    /// Reaps the child if it has exited; true once it is reaped.
+    fn reaped(&mut self) -> bool {
+        if self.status.is_none() {
+            match self.child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => self.status = Some(Ok(status)),
+                Err(e) => self.status = Some(Err(e)),
+            }
+        }
+        self.status.is_some()
+    }
 }
 
 impl Child {
@@ -85,8 +114,24 @@ impl Child {
             relays.push(tokio::spawn(relay(err, prefix, true)));
         }
         let (done, exited) = oneshot::channel();
+        let process = Arc::new(Mutex::new(Reaping {
+            child,
+            status: None,
+        }));
+        let reaping = process.clone();
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let status = loop {
+                {
+                    let mut p = reaping.lock().unwrap_or_else(|e| e.into_inner());
+                    if p.reaped() {
+                        break p
+                            .status
+                            .take()
+                            .unwrap_or_else(|| Err(std::io::Error::other("status read twice")));
+                    }
+                }
+                tokio::time::sleep(REAP_POLL).await;
+            };
             // Pass on everything it wrote before reporting it gone. (A grandchild that keeps
             // the pipe open could hold this up: give it a moment, no more.)
             for r in relays {
@@ -99,6 +144,7 @@ impl Child {
             pid,
             started: Instant::now(),
             exited,
+            process,
         })
     }
 
@@ -112,31 +158,51 @@ impl Child {
         self.started.elapsed()
     }
 
-    fn signal(&self, sig: Signal) {
-        if let Ok(pid) = i32::try_from(self.pid) {
-            if pid > 0 {
-                let _ = kill(Pid::from_raw(pid), sig);
+    /// Sends `sig` unless the child has exited: true when sent. The check and the send hold the
+    /// lock under which the child is reaped, so the pid is still the child's.
+    fn signal(&self, sig: Signal) -> bool {
+        let mut p = self.process.lock().unwrap_or_else(|e| e.into_inner());
+        if p.reaped() {
+            return false;
+        }
+        match i32::try_from(self.pid) {
+            Ok(pid) if pid > 0 => kill(Pid::from_raw(pid), sig).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Asks it to stop (SIGTERM); false when it had exited already.
+    pub fn terminate(&self) -> bool {
+        self.signal(Signal::SIGTERM)
+    }
+
+    /// Waits for it to exit until `deadline`, or until `force` fires: then it gets a second
+    /// SIGTERM (a Conveyor process stops draining and hands its jobs back) and `FORCE_GRACE`
+    /// more. Whatever still runs then is killed (SIGKILL).
+    pub async fn wait_or_force(
+        mut self,
+        deadline: Instant,
+        force: &tokio_util::sync::CancellationToken,
+    ) {
+        tokio::select! {
+            _ = &mut self.exited => return,
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = force.cancelled() => {
+                self.signal(Signal::SIGTERM);
+                let grace = Instant::now() + FORCE_GRACE;
+                if tokio::time::timeout_at(grace.min(deadline), &mut self.exited).await.is_ok() {
+                    return;
+                }
             }
         }
-    }
-
-    /// Asks it to stop (SIGTERM).
-    pub fn terminate(&self) {
-        self.signal(Signal::SIGTERM);
-    }
-
-    /// Waits for it to exit until `deadline`, then kills it (SIGKILL) and waits again.
-    pub async fn wait_or_kill(mut self, deadline: Instant) {
-        if tokio::time::timeout_at(deadline, &mut self.exited)
-            .await
-            .is_err()
-        {
-            tracing::warn!(pid = self.pid, "child did not stop in time; killing it");
-            self.signal(Signal::SIGKILL);
-            let _ = self.exited.await;
-        }
+        tracing::warn!(pid = self.pid, "child did not stop in time; killing it");
+        self.signal(Signal::SIGKILL);
+        let _ = self.exited.await;
     }
 }
+
+/// How long a child gets to exit after the second SIGTERM of a forced stop.
+pub const FORCE_GRACE: Duration = Duration::from_secs(3);
 
 /// Copies lines from a child's stdout or stderr to ours, each with the prefix.
 async fn relay(from: impl AsyncRead + Unpin, prefix: String, to_stderr: bool) {
@@ -159,4 +225,49 @@ async fn relay(from: impl AsyncRead + Unpin, prefix: String, to_stderr: bool) {
     } else {
         stdout.flush().await
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(script: &str) -> ChildSpec {
+        ChildSpec {
+            name: "t".into(),
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reaped_child_is_never_signalled() {
+        let (tx, rx) = oneshot::channel();
+        let child = Child::spawn(&spec("exit 0"), move |exit| {
+            let _ = tx.send(exit);
+        })
+        .expect("spawns");
+        let exit = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("exits in time")
+            .expect("exit reported");
+        assert_eq!(exit, Exit::Code(0));
+        assert!(!child.terminate(), "a signal went to a reaped pid");
+        assert!(!child.signal(Signal::SIGKILL));
+    }
+
+    #[tokio::test]
+    async fn a_running_child_is_signalled() {
+        let (tx, rx) = oneshot::channel();
+        let child = Child::spawn(&spec("sleep 30"), move |exit| {
+            let _ = tx.send(exit);
+        })
+        .expect("spawns");
+        assert!(child.terminate());
+        let exit = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("exits in time")
+            .expect("exit reported");
+        assert_eq!(exit, Exit::Signal("SIGTERM".into()));
+    }
 }

@@ -98,6 +98,7 @@ enum Event {
 pub async fn run(
     config: SupervisorConfig,
     shutdown: CancellationToken,
+    force: CancellationToken,
 ) -> Result<SupervisorReport, SupervisorError> {
     if config.children.is_empty() {
         return Err(SupervisorError::Config("no children to supervise".into()));
@@ -183,7 +184,7 @@ pub async fn run(
             emit(SupervisorEvent::new("stopped").detail(format!("{} restarts", report.restarts)))
         }
     }
-    stop_all(running, config.drain_timeout).await;
+    stop_all(running, config.drain_timeout, &force).await;
     outcome.map(|()| report)
 }
 
@@ -205,16 +206,20 @@ fn start(
     Ok(child)
 }
 
-/// SIGTERM to every child, then SIGKILL to those still running after `drain`.
-async fn stop_all(running: HashMap<usize, Child>, drain: Duration) {
+/// SIGTERM to every child, then SIGKILL to those still running after `drain`; when `force`
+/// fires first (a second SIGTERM or SIGINT), a second SIGTERM and SIGKILL soon after.
+async fn stop_all(running: HashMap<usize, Child>, drain: Duration, force: &CancellationToken) {
     let children: Vec<Child> = running.into_values().collect();
     for c in &children {
         c.terminate();
     }
     let deadline = tokio::time::Instant::now() + drain;
-    for c in children {
-        c.wait_or_kill(deadline).await;
-    }
+    futures::future::join_all(
+        children
+            .into_iter()
+            .map(|c| c.wait_or_force(deadline, force)),
+    )
+    .await;
 }
 
 /// `min * 2^failures`, capped at `max`.

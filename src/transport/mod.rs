@@ -76,7 +76,9 @@ pub trait Acker: Send + Sync {
 }
 
 /// One message delivered from a durable source. It must be settled once, by value:
-/// [`Delivery::ack`], [`Delivery::nack`] or [`Delivery::retry`].
+/// [`Delivery::ack`], [`Delivery::nack`] or [`Delivery::retry`]. One dropped unsettled is
+/// handed back by its adapter (RabbitMQ at once; JetStream once its lease runs out).
+#[must_use = "a delivery must be settled: ack, nack or retry"]
 pub struct Delivery {
     /// Kind, from the subject or routing key (`""` for results and dead letters without one).
     pub kind: String,
@@ -203,6 +205,15 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Consumes a durable source.
     async fn consume(&self, source: Source, opts: ConsumeOptions) -> Result<DeliveryStream>;
+
+    /// Checks that a job's reply address `to` is one a reply may go to, before anything is
+    /// published there (an error says why not; the job is then dead-lettered). NATS replies must
+    /// stay in the inbox space ([`crate::protocol::check_nats_reply`]); RabbitMQ replies can only
+    /// reach the reply queues bound to the namespace's replies exchange, so any name is safe.
+    fn check_reply_to(&self, to: &str) -> std::result::Result<(), String> {
+        let _ = to;
+        Ok(())
+    }
 
     /// Opens a private reply address and the stream of what arrives there.
     async fn reply_inbox(&self) -> Result<(String, MessageStream)>;

@@ -183,6 +183,7 @@ pub async fn run(
     if config.concurrency == 0 {
         return Err(Error::Config("--concurrency must be at least 1".into()));
     }
+    registry.check()?;
     if let Some(kinds) = &config.kinds {
         registry.retain(kinds)?;
     }

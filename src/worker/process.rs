@@ -62,6 +62,16 @@ pub async fn process(
                 return dead(&shared, delivery, &meta, &reason).await;
             }
         };
+    if let Some(why) = meta
+        .reply_to
+        .as_deref()
+        .and_then(|to| shared.transport.check_reply_to(to).err())
+    {
+        let mut meta = meta;
+        meta.reply_to = None;
+        let reason = format!("bad header {}: {why}", header::REPLY_TO);
+        return dead(&shared, delivery, &meta, &reason).await;
+    }
     let Some(svc) = svc else {
         let reason = format!(
             "unknown job kind {kind:?}: this worker runs {}",
@@ -337,15 +347,19 @@ async fn dead_as(
 /// publish is one job to JetStream's de-duplication and to the aggregator.
 fn next_chain_step(job: &Message, meta: &JobMeta, output: bytes::Bytes) -> (String, Message) {
     let chain = meta.workflow(header::CHAIN).unwrap_or(&meta.id).to_string();
+    // JobMeta keeps steps below MAX_CHAIN_STEPS; saturating all the same, as this runs outside
+    // the handler's panic guard.
     let step: u32 = meta
         .workflow(header::CHAIN_STEP)
-        .and_then(|s| s.trim().parse().ok())
+        .and_then(|s| s.trim().parse::<u32>().ok())
         .unwrap_or(0)
-        + 1;
+        .saturating_add(1);
     let length = meta
         .workflow(header::CHAIN_LENGTH)
         .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(step + u32::try_from(meta.chain_rest.len()).unwrap_or(u32::MAX));
+        .unwrap_or_else(|| {
+            step.saturating_add(u32::try_from(meta.chain_rest.len()).unwrap_or(u32::MAX))
+        });
     let mut h = job.headers.clone();
     for stale in [
         header::NATS_MSG_ID,
@@ -416,4 +430,31 @@ async fn hand_back(delivery: Delivery) -> Outcome {
         tracing::warn!(error = %e, "nack failed; the broker redelivers after the lease");
     }
     Outcome::HandedBack
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_possible_chain_step_does_not_overflow() {
+        let h = Headers::new()
+            .with(header::CHAIN_STEP, u32::MAX.to_string())
+            .with(header::CHAIN_REST, "echo");
+        let job = Message::new(h, "{}");
+        let mut meta =
+            JobMeta::from_message("echo", &Message::new(Headers::new(), "{}"), 1, || {
+                "c".into()
+            })
+            .expect("parses");
+        // As if the bound of JobMeta had been passed by: the step arithmetic alone must hold.
+        meta.group = vec![(header::CHAIN_STEP.to_string(), u32::MAX.to_string())];
+        meta.chain_rest = vec!["echo".into()];
+        let (kind, next) = next_chain_step(&job, &meta, bytes::Bytes::from_static(b"1"));
+        assert_eq!(kind, "echo");
+        assert_eq!(
+            next.headers.get(header::CHAIN_STEP),
+            Some(u32::MAX.to_string().as_str())
+        );
+    }
 }

@@ -75,6 +75,9 @@ where
 pub struct Registry {
     handlers: BTreeMap<String, Handler>,
     resources: Resources,
+    /// Kinds given to [`Registry::register`] that are no valid kind (a wildcard, say): the
+    /// worker refuses to start with them, naming them.
+    invalid: Vec<String>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -89,10 +92,26 @@ impl Registry {
         Self::default()
     }
 
-    /// Registers `handler` for `kind`, replacing an earlier one.
+    /// Registers `handler` for `kind`, replacing an earlier one. A kind that is not valid
+    /// ([`crate::protocol::validate_kind`]: a wildcard such as `a.*` or `>`, an empty word) is
+    /// not registered, and [`Registry::check`] (which the worker calls before it starts) names it.
     pub fn register(&mut self, kind: impl Into<String>, handler: Handler) -> &mut Self {
-        self.handlers.insert(kind.into(), handler);
+        let kind = kind.into();
+        if crate::protocol::validate_kind(&kind).is_ok() {
+            self.handlers.insert(kind, handler);
+        } else {
+            self.invalid.push(kind);
+        }
         self
+    }
+
+    /// An error naming the first kind given to [`Registry::register`] that is not a valid kind.
+    pub fn check(&self) -> crate::Result<()> {
+        match self.invalid.first() {
+            Some(kind) => crate::protocol::validate_kind(kind)
+                .map_err(|e| crate::Error::Config(format!("cannot register a handler: {e}"))),
+            None => Ok(()),
+        }
     }
 
     /// The resources handlers can borrow; register them at start-up.
@@ -127,5 +146,28 @@ impl Registry {
         }
         self.handlers.retain(|k, _| kinds.contains(k));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noop() -> Handler {
+        handler_fn(|v: Value, _ctx: JobContext| async move { Ok::<_, JobError>(v) })
+    }
+
+    #[test]
+    fn wildcard_and_empty_kinds_are_refused() {
+        for bad in ["a.*", ">", "jobs.>", "a..b", "", "a b"] {
+            let mut r = Registry::new();
+            r.register(bad, noop()).register("echo", noop());
+            assert_eq!(r.kinds(), vec!["echo".to_string()], "{bad:?} registered");
+            let err = r.check().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("invalid job kind"), "{bad:?}: {err}");
+        }
+        let mut ok = Registry::new();
+        ok.register("wordcount.map", noop());
+        assert!(ok.check().is_ok());
     }
 }

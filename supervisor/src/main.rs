@@ -5,7 +5,9 @@
 //! exits 1) when more than `--max-restarts` restarts happen within `--within`.
 //! `conveyor-supervisor up` runs a whole local stack the same way: the aggregator and N workers.
 //! Children's output is passed through with a `[name] ` prefix. SIGTERM/SIGINT are forwarded to
-//! the children as SIGTERM; they get `--drain-timeout` to exit, then they are killed.
+//! the children as SIGTERM; they get `--drain-timeout` to exit, then they are killed. A second
+//! SIGTERM/SIGINT forces the stop: the children get a second SIGTERM (a worker then hands its
+//! running jobs back at once) and 3 s more before they are killed.
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -214,8 +216,8 @@ async fn main() -> ExitCode {
         config.events = Some(tx);
         tokio::spawn(supervisor::events::publish(url, namespace, rx))
     });
-    let (shutdown, _force) = conveyor::shutdown::on_signals();
-    let outcome = supervisor::run(config, shutdown).await;
+    let (shutdown, force) = conveyor::shutdown::on_signals();
+    let outcome = supervisor::run(config, shutdown, force).await;
     // The last events (stopped, gave-up) go out before the process ends, if the broker is there.
     if let Some(publisher) = publisher {
         let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;

@@ -827,7 +827,7 @@ impl Resubscribing {
             redeliveries + 1,
             broker_id,
             Box::new(AmqpAcker {
-                acker: d.acker,
+                acker: Some(d.acker),
                 cumulative: self.cumulative,
                 kind,
                 transport: self.inner.clone(),
@@ -841,35 +841,32 @@ fn kind_of(d: &lapin::message::Delivery) -> String {
     d.routing_key.as_str().to_string()
 }
 
+/// Settles one AMQP delivery. An acker dropped without being settled (a retry whose copy could
+/// not be published, a task that ended early) hands its delivery back: lapin's own acker does
+/// nothing when dropped, so the delivery would hold a prefetch slot until the channel closes.
+#[must_use = "a delivery must be settled: ack, nack or retry"]
 struct AmqpAcker {
-    acker: lapin::Acker,
+    acker: Option<lapin::Acker>,
     cumulative: bool,
     kind: String,
     transport: Arc<Inner>,
 }
 
-#[async_trait]
-impl Acker for AmqpAcker {
-    async fn ack(self: Box<Self>) -> Result<()> {
-        let options = BasicAckOptions {
-            multiple: self.cumulative,
-        };
-        bounded("ack", async {
-            self.acker
-                .ack(options)
-                .await
-                .map(drop)
-                .map_err(|e| Error::broker("ack", e))
+impl AmqpAcker {
+    fn take(&mut self) -> Result<lapin::Acker> {
+        self.acker.take().ok_or_else(|| Error::Broker {
+            op: "settle",
+            cause: "the delivery was settled already".into(),
         })
-        .await
     }
-    async fn nack(self: Box<Self>) -> Result<()> {
+
+    async fn requeue(acker: lapin::Acker) -> Result<()> {
         let options = BasicNackOptions {
             requeue: true,
             multiple: false,
         };
         bounded("nack", async {
-            self.acker
+            acker
                 .nack(options)
                 .await
                 .map(drop)
@@ -877,15 +874,63 @@ impl Acker for AmqpAcker {
         })
         .await
     }
+}
+
+impl Drop for AmqpAcker {
+    fn drop(&mut self) {
+        let Some(acker) = self.acker.take() else {
+            return;
+        };
+        tracing::debug!(kind = %self.kind, "handing back a delivery that was not settled");
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = AmqpAcker::requeue(acker).await {
+                    tracing::warn!(error = %e, "could not hand back an unsettled delivery");
+                }
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        let options = BasicAckOptions {
+            multiple: self.cumulative,
+        };
+        let acker = self.take()?;
+        bounded("ack", async {
+            acker
+                .ack(options)
+                .await
+                .map(drop)
+                .map_err(|e| Error::broker("ack", e))
+        })
+        .await
+    }
+    async fn nack(mut self: Box<Self>) -> Result<()> {
+        let acker = self.take()?;
+        AmqpAcker::requeue(acker).await
+    }
     async fn retry(self: Box<Self>, mut next: Message, delay: Duration) -> Result<()> {
         // Rounded up to a power of two of milliseconds: a handful of delay queues serve all waits.
         let ms = crate::protocol::retry_delay_ms(delay);
-        self.transport.retry_queue(ms).await?;
         next.headers.insert(header::RETRY_DELAY_MS, ms.to_string());
-        let t = &self.transport;
-        t.publish_raw(&t.names.exchange("retry"), &self.kind, true, &next)
-            .await?;
-        self.ack().await
+        let t = self.transport.clone();
+        let copied = async {
+            t.retry_queue(ms).await?;
+            t.publish_raw(&t.names.exchange("retry"), &self.kind, true, &next)
+                .await
+        }
+        .await;
+        match copied {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                // The original goes back instead: its redelivery is the next attempt.
+                let _ = self.nack().await;
+                Err(e)
+            }
+        }
     }
     async fn progress(&self) -> Result<()> {
         Ok(())

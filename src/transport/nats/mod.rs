@@ -17,7 +17,12 @@ use async_nats::jetstream::{self, consumer::pull, stream, AckKind};
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
+
+mod held;
+mod poison;
 
 /// How long a publish may wait for its PubAck.
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,6 +39,10 @@ pub struct NatsTransport {
     client: async_nats::Client,
     js: jetstream::Context,
     names: Names,
+    /// Counts the connection's (re)connects: job consumers look for unreadable jobs after each.
+    connects: watch::Receiver<u64>,
+    /// Where a job's reply may go: subjects that begin with this (the inbox prefix).
+    reply_prefix: String,
 }
 
 /// NATS headers from ours, leaving out `skip` (a job's id travels as `Nats-Msg-Id` instead).
@@ -64,6 +73,15 @@ fn from_nats_headers(h: Option<&async_nats::HeaderMap>) -> Headers {
 /// options, not inside the address: async-nats logs its server addresses, and they must not
 /// carry a password.
 pub(crate) async fn connect_client(url: &BrokerUrl, name: String) -> Result<async_nats::Client> {
+    connect_counting(url, name, Arc::new(watch::channel(0).0)).await
+}
+
+/// [`connect_client`], counting every (re)connect in `connects`.
+async fn connect_counting(
+    url: &BrokerUrl,
+    name: String,
+    connects: Arc<watch::Sender<u64>>,
+) -> Result<async_nats::Client> {
     let mut address = url.url().clone();
     let decode = |s: &str| {
         url::form_urlencoded::parse(format!("x={s}").as_bytes())
@@ -75,19 +93,27 @@ pub(crate) async fn connect_client(url: &BrokerUrl, name: String) -> Result<asyn
     let password = address.password().map(decode);
     let _ = address.set_username("");
     let _ = address.set_password(None);
+    address.set_query(None);
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            match event {
-                // A permissions violation only comes back this way: the refused message or
-                // request is dropped by the server, and the caller sees a time-out.
-                async_nats::Event::ServerError(e) => {
-                    tracing::warn!(error = %e, "the NATS server refused an operation")
+        .custom_inbox_prefix(url.inbox_prefix())
+        .event_callback(move |event| {
+            let connects = connects.clone();
+            async move {
+                match event {
+                    // A permissions violation only comes back this way: the refused message or
+                    // request is dropped by the server, and the caller sees a time-out.
+                    async_nats::Event::ServerError(e) => {
+                        tracing::warn!(error = %e, "the NATS server refused an operation")
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    async_nats::Event::Connected => {
+                        tracing::info!("connected to NATS");
+                        connects.send_modify(|n| *n += 1);
+                    }
+                    other => tracing::debug!(event = %other, "NATS connection event"),
                 }
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                other => tracing::debug!(event = %other, "NATS connection event"),
             }
         });
     match (user.is_empty(), password) {
@@ -121,11 +147,19 @@ pub(crate) async fn connect_client(url: &BrokerUrl, name: String) -> Result<asyn
 impl NatsTransport {
     /// Connects and declares the streams.
     pub async fn connect(url: &BrokerUrl, names: Names) -> Result<Self> {
-        let client = connect_client(url, format!("conveyor-{}", names.namespace())).await?;
+        let (counter, connects) = watch::channel(0);
+        let name = format!("conveyor-{}", names.namespace());
+        let client = connect_counting(url, name, Arc::new(counter)).await?;
         let js = jetstream::ContextBuilder::new()
             .ack_timeout(PUBLISH_ACK_TIMEOUT)
             .build(client.clone());
-        let t = NatsTransport { client, js, names };
+        let t = NatsTransport {
+            client,
+            js,
+            names,
+            connects,
+            reply_prefix: format!("{}.", url.inbox_prefix()),
+        };
         t.declare().await?;
         Ok(t)
     }
@@ -249,6 +283,63 @@ impl NatsTransport {
         Ok(())
     }
 
+    /// The durable pull consumer `durable` of `stream_name`, created when missing, and updated
+    /// when its lease (AckWait) is not `opts.lease`: a changed `--lease` takes effect.
+    async fn consumer(
+        &self,
+        stream_name: &str,
+        durable: &str,
+        filter: String,
+        opts: ConsumeOptions,
+    ) -> Result<jetstream::consumer::PullConsumer> {
+        let stream = self
+            .js
+            .get_stream(stream_name)
+            .await
+            .map_err(|e| Error::broker("get stream", e))?;
+        let config = pull::Config {
+            durable_name: Some(durable.to_string()),
+            filter_subject: filter,
+            // Explicit acks only: `AckPolicy::All` is consumer-wide, so after a reader
+            // restarts, its acks would also cover what the old process was sent and never
+            // recorded. `ConsumeOptions::cumulative` is therefore ignored on JetStream.
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: opts.lease,
+            max_deliver: -1,
+            max_ack_pending: 10_000,
+            deliver_policy: if opts.ephemeral {
+                jetstream::consumer::DeliverPolicy::New
+            } else {
+                jetstream::consumer::DeliverPolicy::All
+            },
+            inactive_threshold: if opts.ephemeral {
+                EPHEMERAL_IDLE
+            } else {
+                Duration::ZERO
+            },
+            ..Default::default()
+        };
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(durable, config.clone())
+            .await
+            .map_err(|e| Error::broker("create consumer", e))?;
+        let stored = consumer
+            .info()
+            .await
+            .map_err(|e| Error::broker("consumer info", e))?
+            .config
+            .ack_wait;
+        if stored != opts.lease {
+            tracing::info!(consumer = %durable, from = ?stored, to = ?opts.lease, "changing the consumer's lease");
+            // Create-or-update: also what a 2.9 server does with a changed durable's config.
+            consumer = stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| Error::broker("update consumer", e))?;
+        }
+        Ok(consumer)
+    }
+
     async fn pull(
         &self,
         stream_name: String,
@@ -256,39 +347,7 @@ impl NatsTransport {
         filter: String,
         opts: ConsumeOptions,
     ) -> Result<DeliveryStream> {
-        let stream = self
-            .js
-            .get_stream(&stream_name)
-            .await
-            .map_err(|e| Error::broker("get stream", e))?;
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .get_or_create_consumer(
-                &durable,
-                pull::Config {
-                    durable_name: Some(durable.clone()),
-                    filter_subject: filter,
-                    // Explicit acks only: `AckPolicy::All` is consumer-wide, so after a reader
-                    // restarts, its acks would also cover what the old process was sent and never
-                    // recorded. `ConsumeOptions::cumulative` is therefore ignored on JetStream.
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: opts.lease,
-                    max_deliver: -1,
-                    max_ack_pending: 10_000,
-                    deliver_policy: if opts.ephemeral {
-                        jetstream::consumer::DeliverPolicy::New
-                    } else {
-                        jetstream::consumer::DeliverPolicy::All
-                    },
-                    inactive_threshold: if opts.ephemeral {
-                        EPHEMERAL_IDLE
-                    } else {
-                        Duration::ZERO
-                    },
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| Error::broker("create consumer", e))?;
+        let consumer = self.consumer(&stream_name, &durable, filter, opts).await?;
         let messages = consumer
             .stream()
             .max_messages_per_batch(if opts.one_at_a_time {
@@ -308,6 +367,30 @@ impl NatsTransport {
                 Ok(to_delivery(msg, prefix_len))
             })
             .boxed())
+    }
+
+    /// One kind's jobs: held jobs keep their leases ([`held`]), and jobs no NATS client can
+    /// read are dead-lettered after each reconnect ([`poison`]).
+    async fn pull_jobs(&self, kind: &str, opts: ConsumeOptions) -> Result<DeliveryStream> {
+        let n = &self.names;
+        let consumer = self
+            .consumer(
+                &n.stream("jobs"),
+                &consumer_name_for_kind(kind),
+                n.job_subject(kind),
+                opts,
+            )
+            .await?;
+        let prefix_len = n.namespace().len() + 1;
+        let (stream, closed) = held::job_stream(consumer.clone(), opts, prefix_len);
+        tokio::spawn(poison::sweep_after_connects(
+            self.clone(),
+            kind.to_string(),
+            consumer,
+            self.connects.clone(),
+            closed,
+        ));
+        Ok(stream)
     }
 
     /// Consumes, for the catch-all worker, every job subject that has messages and no consumer
@@ -492,6 +575,10 @@ impl Transport for NatsTransport {
         &self.names
     }
 
+    fn check_reply_to(&self, to: &str) -> std::result::Result<(), String> {
+        crate::protocol::check_nats_reply(self.names.namespace(), &self.reply_prefix, to)
+    }
+
     async fn publish(&self, route: Route, msg: Message) -> Result<()> {
         let id = msg.headers.get(header::ID).unwrap_or_default().to_string();
         let (subject, dedup) = match &route {
@@ -501,6 +588,10 @@ impl Transport for NatsTransport {
             Route::Result(kind) => (self.names.result_subject(kind), String::new()),
             Route::Dead(kind) => (self.names.dead_subject(kind), format!("dead:{id}")),
             Route::Reply(to) => {
+                self.check_reply_to(to).map_err(|reason| Error::Denied {
+                    op: "reply",
+                    reason,
+                })?;
                 return self
                     .client
                     .publish_with_headers(to.clone(), to_nats_headers(&msg.headers, None), msg.body)
@@ -534,15 +625,7 @@ impl Transport for NatsTransport {
         let n = &self.names;
         let ns = n.namespace();
         match source {
-            Source::Kind(kind) => {
-                self.pull(
-                    n.stream("jobs"),
-                    consumer_name_for_kind(&kind),
-                    n.job_subject(&kind),
-                    opts,
-                )
-                .await
-            }
+            Source::Kind(kind) => self.pull_jobs(&kind, opts).await,
             Source::Unrouted(skip) => Ok(self.discover(skip, opts)),
             Source::Results(group) => {
                 self.pull(n.stream("results"), group, format!("{ns}.results.>"), opts)
