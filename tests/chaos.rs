@@ -38,7 +38,7 @@ fn signal(pid: u32, sig: &str) {
 }
 
 async fn stats(c: &Cluster) -> Value {
-    wait_for_results(c.http, 0, Duration::ZERO).await
+    common::stats(c.http).await
 }
 
 /// 20,000 jobs (half `echo`, half `sleep` of 1–20 ms) over 3 supervised workers, one of them

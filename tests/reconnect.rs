@@ -6,7 +6,7 @@
 mod common;
 
 use common::own_rabbit::OwnRabbit;
-use common::{free_port, http_get, wait_for_results, wait_listening, Proc};
+use common::{free_port, http_get, results_within, wait_for_results, wait_listening, Proc};
 use conveyor::{BrokerUrl, Client, JobSpec};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -151,12 +151,12 @@ async fn restarts_twice_during_a_run(broker: &mut dyn OwnBroker, dir: &Path, boo
     };
     let started = std::time::Instant::now();
     for threshold in [1_500, 4_000] {
-        let before = wait_for_results(http, threshold, Duration::from_secs(120)).await;
-        assert!(
-            before["results"].as_u64().unwrap_or(0) >= threshold,
-            "{before}\n{}",
-            std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default()
-        );
+        if let Err(before) = results_within(http, threshold, Duration::from_secs(120)).await {
+            panic!(
+                "{before}\n{}",
+                std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default()
+            );
+        }
         broker.kill9();
         tokio::time::sleep(Duration::from_millis(700)).await;
         broker.start();
@@ -164,7 +164,9 @@ async fn restarts_twice_during_a_run(broker: &mut dyn OwnBroker, dir: &Path, boo
     }
     let published = publisher.await.expect("publisher");
     let ids: Vec<String> = published.into_iter().filter_map(Result::ok).collect();
-    let stats = wait_for_results(http, ids.len() as u64, Duration::from_secs(180)).await;
+    let stats = results_within(http, ids.len() as u64, Duration::from_secs(180))
+        .await
+        .unwrap_or_else(|last| last);
     println!(
         "{url}: restarted twice (kill -9) in {:.1} s; {} of {n} publishes confirmed; {stats}",
         started.elapsed().as_secs_f64(),
@@ -206,4 +208,133 @@ async fn restarts_twice_during_a_run(broker: &mut dyn OwnBroker, dir: &Path, boo
             "{id}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_cluster_cap_holds_across_a_broker_restart() {
+    common::ensure_up(common::Broker::Nats);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nats = OwnNats {
+        port: free_port(),
+        store: dir.path().join("js"),
+        child: None,
+    };
+    cluster_cap_holds_across_a_restart(&mut nats, dir.path(), Duration::from_secs(10)).await;
+    nats.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_cluster_cap_holds_across_a_broker_restart() {
+    common::ensure_up(common::Broker::Amqp);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rabbit = OwnRabbit::new(dir.path().join("rabbit"));
+    cluster_cap_holds_across_a_restart(&mut rabbit, dir.path(), Duration::from_secs(90)).await;
+    rabbit.kill9();
+}
+
+/// `--cluster-max-concurrent sleep=2` over two workers that could run 8 at once: after a
+/// `kill -9` and restart of the broker, the cap neither stalls the kind nor lets every job
+/// through. Eight 2 s jobs take about 8 s under the cap, about 2 s without it.
+async fn cluster_cap_holds_across_a_restart(
+    broker: &mut dyn OwnBroker,
+    dir: &Path,
+    boot: Duration,
+) {
+    let addr = broker.addr();
+    let url = broker.url();
+    broker.start();
+    wait_listening(&addr, boot).await;
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let agg_store = dir.join("agg");
+    let _agg = Proc::spawn(
+        "aggregator",
+        "conveyor-aggregator",
+        &[
+            "--broker",
+            &url,
+            "--namespace",
+            "cap",
+            "--http",
+            &http.to_string(),
+            "--store",
+            agg_store.to_str().expect("utf-8"),
+        ],
+        dir,
+    );
+    let worker_args = [
+        "--broker",
+        &url,
+        "--namespace",
+        "cap",
+        "--lease",
+        "2s",
+        "--kinds",
+        "sleep",
+        "--concurrency",
+        "4",
+        "--cluster-max-concurrent",
+        "sleep=2",
+    ];
+    let _workers: Vec<Proc> = (0..2)
+        .map(|i| Proc::spawn(&format!("worker-{i}"), "conveyor-worker", &worker_args, dir))
+        .collect();
+    wait_listening(&http.to_string(), Duration::from_secs(20)).await;
+    let live = |want: u64| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, s) = http_get(http, "/stats").await;
+            if s["workers"].as_u64() == Some(want) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{want} workers not live: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    live(2).await;
+    let client = Client::connect(&BrokerUrl::parse(&url).expect("url"), "cap")
+        .await
+        .expect("client");
+    let batch = || {
+        (0..8)
+            .map(|_| JobSpec::new("sleep", json!({"ms": 2000})))
+            .collect::<Vec<_>>()
+    };
+    let first = client.publish_many(batch(), 8, |_| {}).await;
+    assert!(first.iter().all(Result::is_ok), "{first:?}");
+    let got = wait_for_results(http, 2, Duration::from_secs(60)).await;
+    assert!(got["results"].as_u64().unwrap_or(0) >= 2, "{got}");
+    broker.kill9();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    broker.start();
+    wait_listening(&addr, boot).await;
+    // Everything from before the restart recorded, and the workers back, before the timed batch.
+    if let Err(stats) = results_within(http, 8, Duration::from_secs(120)).await {
+        let log = std::fs::read_to_string(dir.join("worker-0.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        panic!(
+            "the jobs from before the restart were not all recorded: {stats}\nworker-0, last lines:\n{}",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        );
+    }
+    live(2).await;
+    let started = std::time::Instant::now();
+    let second = client.publish_many(batch(), 8, |_| {}).await;
+    assert!(second.iter().all(Result::is_ok), "{second:?}");
+    let done = results_within(http, 16, Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|last| last);
+    let took = started.elapsed();
+    println!("{url}: eight 2 s jobs under a cap of 2 after a broker restart took {took:?}; {done}");
+    assert!(
+        done["results"].as_u64().unwrap_or(0) >= 16,
+        "the capped kind stalled after the restart: {done}\n{}",
+        std::fs::read_to_string(dir.join("worker-0.log")).unwrap_or_default()
+    );
+    assert!(
+        took >= Duration::from_secs(5),
+        "eight 2 s jobs done in {took:?}: more than 2 ran at once after the restart"
+    );
 }

@@ -168,11 +168,19 @@ impl Stack {
         // A worker beats once its queues are declared: until then, on RabbitMQ, a job of its
         // kinds would go to the unrouted queue, which only a catch-all worker reads.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !worker.is_finished() && tokio::time::Instant::now() < deadline {
+        loop {
             let (_, stats) = http_get(http, "/stats").await;
             if stats["workers"].as_u64().unwrap_or(0) >= 1 {
                 break;
             }
+            assert!(
+                !worker.is_finished(),
+                "the test worker stopped before it beat"
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the test worker did not beat within 30 s: {stats}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Stack {
@@ -229,15 +237,33 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
     .expect("http task")
 }
 
-/// Polls `/stats` until `results` reaches `n` or `timeout` passes; returns the last stats.
-pub async fn wait_for_results(http: SocketAddr, n: u64, timeout: Duration) -> Value {
+/// The aggregator's `/stats` now.
+pub async fn stats(http: SocketAddr) -> Value {
+    http_get(http, "/stats").await.1
+}
+
+/// Polls `/stats` until `results` reaches `n`: `Ok(stats)`, or `Err(last stats)` once `timeout`
+/// passed (for callers that show more, such as logs, before they fail).
+pub async fn results_within(http: SocketAddr, n: u64, timeout: Duration) -> Result<Value, Value> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let (_, stats) = http_get(http, "/stats").await;
-        if stats["results"].as_u64().unwrap_or(0) >= n || tokio::time::Instant::now() > deadline {
-            return stats;
+        let stats = stats(http).await;
+        if stats["results"].as_u64().unwrap_or(0) >= n {
+            return Ok(stats);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(stats);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `/stats` until `results` reaches `n`; fails the test, with the last stats, when
+/// `timeout` passes first.
+pub async fn wait_for_results(http: SocketAddr, n: u64, timeout: Duration) -> Value {
+    match results_within(http, n, timeout).await {
+        Ok(stats) => stats,
+        Err(stats) => panic!("{n} results not recorded within {timeout:?}: {stats}"),
     }
 }
 

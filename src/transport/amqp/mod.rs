@@ -781,18 +781,49 @@ fn tee_binding(
 /// that were not acked on the lost channel are redelivered by the broker.
 struct Resubscribing {
     inner: Arc<Inner>,
-    source: Source,
+    source: Feed,
     opts: ConsumeOptions,
     cumulative: bool,
     current: Option<(lapin::Channel, lapin::Consumer)>,
 }
 
+/// What a [`Resubscribing`] consumer reads.
+#[derive(Debug)]
+enum Feed {
+    /// A durable source of messages.
+    Source(Source),
+    /// The permits of `kind`'s cluster-wide cap, in `queue`.
+    Permits { kind: String, queue: String },
+}
+
+impl Inner {
+    async fn open_feed(
+        &self,
+        feed: &Feed,
+        opts: ConsumeOptions,
+    ) -> Result<(lapin::Channel, lapin::Consumer)> {
+        match feed {
+            Feed::Source(source) => self.open_consumer(source, opts).await,
+            Feed::Permits { queue, .. } => self.consume_queue(queue.clone(), opts, false).await,
+        }
+    }
+}
+
 impl Resubscribing {
+    /// The stream of its deliveries.
+    fn stream(self) -> DeliveryStream {
+        futures::stream::unfold(self, |mut st| async move {
+            let delivery = st.next().await;
+            Some((delivery, st))
+        })
+        .boxed()
+    }
+
     async fn next(&mut self) -> Result<Delivery> {
         let mut wait = Duration::from_millis(100);
         loop {
             let Some((_, consumer)) = self.current.as_mut() else {
-                let opened = bounded("consume", self.inner.open_consumer(&self.source, self.opts));
+                let opened = bounded("consume", self.inner.open_feed(&self.source, self.opts));
                 match opened.await {
                     Ok(c) => {
                         tracing::info!(source = ?self.source, "consuming again");
@@ -818,6 +849,15 @@ impl Resubscribing {
     }
 
     fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
+        if let Feed::Permits { kind, .. } = &self.source {
+            return Delivery::new(
+                kind.clone(),
+                Message::default(),
+                1,
+                String::new(),
+                Box::new(PermitAcker(d.acker)),
+            );
+        }
         let (headers, redeliveries) = from_amqp(&d.properties);
         let kind = kind_of(&d);
         let broker_id = format!("amqp-{}", crate::job::new_id());
@@ -966,18 +1006,14 @@ impl Transport for AmqpTransport {
         // The first attempt's error is the caller's (a missing permission, say); once consuming,
         // a lost connection is re-opened, re-declared and re-subscribed with the same prefetch.
         let first = bounded("consume", self.inner.open_consumer(&source, opts)).await?;
-        let state = Resubscribing {
+        Ok(Resubscribing {
             inner: self.inner.clone(),
-            source,
+            source: Feed::Source(source),
             opts,
             cumulative,
             current: Some(first),
-        };
-        Ok(futures::stream::unfold(state, |mut st| async move {
-            let delivery = st.next().await;
-            Some((delivery, st))
-        })
-        .boxed())
+        }
+        .stream())
     }
 
     async fn reply_inbox(&self) -> Result<(String, MessageStream)> {
@@ -1090,26 +1126,21 @@ impl Transport for AmqpTransport {
             Ok::<_, Error>(())
         };
         bounded("permits", create).await?;
-        let opened = bounded(
-            "consume permits",
-            self.inner.consume_queue(queue, opts, false),
-        )
-        .await?;
-        let (ch, consumer) = opened;
-        let kind = kind.to_string();
-        Ok(consumer
-            .map(move |d| {
-                let _keep_channel_open = &ch;
-                let d = d.map_err(|e| Error::broker("permit", e))?;
-                Ok(Delivery::new(
-                    kind.clone(),
-                    Message::default(),
-                    1,
-                    String::new(),
-                    Box::new(PermitAcker(d.acker)),
-                ))
-            })
-            .boxed())
+        // Like every other consumer, the permits' comes back after a lost connection (a broker
+        // restart); the permits held on the lost connection return to the queue.
+        let feed = Feed::Permits {
+            kind: kind.to_string(),
+            queue: queue.clone(),
+        };
+        let first = bounded("consume permits", self.inner.open_feed(&feed, opts)).await?;
+        Ok(Resubscribing {
+            inner: self.inner.clone(),
+            source: feed,
+            opts,
+            cumulative: false,
+            current: Some(first),
+        }
+        .stream())
     }
 
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {

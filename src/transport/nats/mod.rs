@@ -692,16 +692,25 @@ impl Transport for NatsTransport {
                 Err(e) => return Err(Error::broker("create permit", e)),
             }
         }
-        self.pull(
-            n.stream("permits"),
-            format!("permits={}", kind.replace('.', "=")),
-            format!("{ns}.permits.{kind}.*"),
-            ConsumeOptions {
-                ephemeral: false,
-                ..opts
-            },
-        )
-        .await
+        // Pulled only when a job waits for one: a permit never waits in a worker that does not
+        // need it, while another worker does.
+        let opts = ConsumeOptions {
+            ephemeral: false,
+            one_at_a_time: true,
+            ..opts
+        };
+        let consumer = self
+            .consumer(
+                &n.stream("permits"),
+                &format!("permits={}", kind.replace('.', "=")),
+                format!("{ns}.permits.{kind}.*"),
+                opts,
+            )
+            .await?;
+        // Pull requests are short, so that after a reconnect the permits come back within
+        // seconds.
+        let (stream, _closed) = held::job_stream(consumer, opts, ns.len() + 1);
+        Ok(stream)
     }
 
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {
