@@ -38,6 +38,18 @@ pub enum Error {
         /// Why the broker did not confirm it.
         reason: String,
     },
+    /// A message is larger than the broker takes (NATS `max_payload`). Not transient.
+    #[error(
+        "message of {size} bytes for {target} is larger than the broker's limit of {max} bytes"
+    )]
+    TooLarge {
+        /// Subject or exchange/routing key.
+        target: String,
+        /// The message's size (body and headers).
+        size: usize,
+        /// The broker's limit.
+        max: usize,
+    },
     /// Waiting for the broker took longer than allowed.
     #[error("timed out after {0:?} during {1}")]
     Timeout(Duration, &'static str),

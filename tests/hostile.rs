@@ -287,3 +287,37 @@ async fn amqp_a_retry_that_cannot_be_copied_hands_the_job_back() {
     );
     stack.stop().await;
 }
+
+/// A chord whose callback cannot be published (its input, the members' outputs, is larger than
+/// NATS takes) ends `failed` with the reason, and the aggregator's results loop carries on: it
+/// is not retried forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_a_chord_callback_too_large_to_publish_ends_failed() {
+    use conveyor::workflow::{Chord, Group};
+    let stack = Stack::start(Broker::Nats, test_worker_config()).await;
+    let big = "x".repeat(450_000);
+    let inputs: Vec<Value> = (0..3).map(|i| json!({ "i": i, "pad": big })).collect();
+    let chord = Chord::new(Group::of("echo", inputs), "echo");
+    let (group, specs) = chord.specs(None).expect("specs");
+    for spec in &specs {
+        stack.client.publish(spec).await.expect("publish member");
+    }
+    let callback = conveyor::workflow::callback_id(&group);
+    let r = recorded(stack.http, &callback, Duration::from_secs(30)).await;
+    assert_eq!(r["status"], "failed", "{r}");
+    let error = r["error"].as_str().unwrap_or_default();
+    assert!(error.contains("larger than the broker's limit"), "{error}");
+    // The results loop is free: a plain job is recorded at once.
+    let started = std::time::Instant::now();
+    let id = stack
+        .client
+        .publish(&JobSpec::new("echo", json!(1)))
+        .await
+        .expect("publish");
+    recorded(stack.http, &id, Duration::from_secs(10)).await;
+    eprintln!(
+        "a plain job after the failed chord recorded in {:?}",
+        started.elapsed()
+    );
+    stack.stop().await;
+}

@@ -20,8 +20,9 @@ use crate::worker::cancel::CancelRequest;
 use serde_json::Value;
 use std::time::Duration;
 
-/// How long a callback publish keeps retrying before it is left for the next sweep.
-const PATIENCE: Duration = Duration::from_secs(10);
+/// How long a publish keeps retrying before it is left for the next sweep. Short: the results
+/// loop waits for it.
+const PATIENCE: Duration = Duration::from_secs(2);
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
@@ -102,14 +103,42 @@ async fn try_complete(transport: &dyn Transport, store: &Store, group: &str) -> 
     let Some(chord) = view.callback.clone() else {
         return Ok(());
     };
-    let (route, msg) = if view.failed == 0 {
-        (Route::Job(chord.kind.clone()), callback_job(&view)?)
+    let why_not = if view.failed == 0 {
+        // The callback job, unless it cannot be made or published at all (an id too long, an
+        // input larger than the broker takes): then its failed result, with the reason. Only an
+        // outage is worth another try.
+        let sent = match callback_job(&view) {
+            Ok(msg) => {
+                publish_retrying(transport, Route::Job(chord.kind.clone()), msg, PATIENCE).await
+            }
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(()) => None,
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => Some(format!(
+                "chord {group}: the callback could not be published: {e}"
+            )),
+        }
     } else {
-        (Route::Result(chord.kind.clone()), failed_result(&view))
+        Some(format!(
+            "chord {}: {} of {} members did not succeed; the callback did not run (first: {})",
+            view.id,
+            view.failed,
+            view.size,
+            view.first_failure.as_deref().unwrap_or("?")
+        ))
     };
-    let failed = view.failed > 0;
-    publish_retrying(transport, route, msg.clone(), PATIENCE).await?;
-    if failed {
+    let failed = why_not.is_some();
+    if let Some(why) = why_not {
+        let msg = failed_result(&chord.id, &chord.kind, &why);
+        publish_retrying(
+            transport,
+            Route::Result(chord.kind.clone()),
+            msg.clone(),
+            PATIENCE,
+        )
+        .await?;
         let mut event = crate::events::JobEvent::new(
             &chord.id,
             &chord.kind,
@@ -117,7 +146,7 @@ async fn try_complete(transport: &dyn Transport, store: &Store, group: &str) -> 
             0,
         );
         event.worker = Some("aggregator".into());
-        event.error = msg.headers.get(header::ERROR).map(str::to_string);
+        event.error = Some(why);
         event.group = Some(group.to_string());
         if let Err(e) = transport
             .emit_event(&chord.kind, "failed", event.to_message())
@@ -153,25 +182,14 @@ fn callback_job(view: &GroupView) -> Result<Message> {
     Ok(spec.to_message()?.1)
 }
 
-/// The chord's result when a member did not succeed.
-fn failed_result(view: &GroupView) -> Message {
-    let (id, kind) = match &view.callback {
-        Some(c) => (c.id.clone(), c.kind.clone()),
-        None => (view.id.clone(), String::new()),
-    };
-    let why = format!(
-        "chord {}: {} of {} members did not succeed; the callback did not run (first: {})",
-        view.id,
-        view.failed,
-        view.size,
-        view.first_failure.as_deref().unwrap_or("?")
-    );
+/// The failed result of a chord's callback `id` of `kind`, saying `why`.
+fn failed_result(id: &str, kind: &str, why: &str) -> Message {
     let h = Headers::new()
-        .with(header::ID, id)
-        .with(header::KIND, kind)
+        .with(header::ID, header_safe(id))
+        .with(header::KIND, kind.to_string())
         .with(header::STATUS, Status::Failed.as_str())
         .with(header::ATTEMPT, "0")
         .with(header::WORKER, "aggregator")
-        .with(header::ERROR, header_safe(&why));
+        .with(header::ERROR, header_safe(why));
     Message::new(h, "null")
 }

@@ -102,6 +102,16 @@ pub struct GroupActions {
     pub cancel: Vec<(String, String)>,
 }
 
+/// The index `i` of a member id `<group>.<i>` (`i` in plain decimal).
+pub(super) fn member_index(group: &str, id: &str) -> Option<u32> {
+    let i = id.strip_prefix(group)?.strip_prefix('.')?;
+    if i.is_empty() || !i.bytes().all(|b| b.is_ascii_digit()) || (i.len() > 1 && i.starts_with('0'))
+    {
+        return None;
+    }
+    i.parse().ok()
+}
+
 /// The key of member `index` of `group`: sorts members in index order.
 fn member_key(group: &str, index: u32) -> String {
     format!("{group}\u{0}{index:010}")
@@ -147,11 +157,20 @@ impl<'a, 't> Counter<'a, 't> {
         let Some(g) = self.touched.get_mut(&m.group) else {
             return Ok(());
         };
+        // Only `<group>.<i>` with `i` below the size the group was first declared with counts:
+        // a job that merely names the group (or a size of its own) cannot complete it early.
+        let Some(index) = member_index(&m.group, &result.id).filter(|i| *i < g.size) else {
+            tracing::warn!(group = %m.group, job = %result.id, size = g.size, "not a member id of the group (<group>.<index below its size>); not counted");
+            return Ok(());
+        };
+        if m.index.is_some_and(|given| given != index) {
+            tracing::warn!(group = %m.group, job = %result.id, "the member's index header disagrees with its id; not counted");
+            return Ok(());
+        }
         if g.done() {
             tracing::warn!(group = %m.group, job = %result.id, "a result beyond the group's size; not counted");
             return Ok(());
         }
-        let index = m.index.unwrap_or(g.arrived);
         g.arrived += 1;
         self.members
             .insert(member_key(&m.group, index).as_str(), result.id.as_str())
@@ -191,6 +210,25 @@ impl<'a, 't> Counter<'a, 't> {
         Ok(())
     }
 
+    /// True when `id` is a chord callback's id (`<group>.callback`, reserved for callbacks) and
+    /// that chord is not complete: the group is unknown, is no chord, or has members running. No
+    /// result may be recorded under it then.
+    pub(super) fn callback_not_due(&mut self, id: &str) -> Result<bool> {
+        let Some(group) = id.strip_suffix(".callback") else {
+            return Ok(false);
+        };
+        let record = match self.touched.get(group) {
+            Some(g) => g.clone(),
+            None => match self.groups.get(group).map_err(store_err)? {
+                Some(v) => serde_json::from_slice::<GroupRecord>(v.value()).map_err(store_err)?,
+                None => return Ok(true),
+            },
+        };
+        Ok(!record
+            .chord
+            .is_some_and(|c| c.state != ChordState::Waiting && c.id == id))
+    }
+
     /// Writes the touched group records; returns what to do after the commit.
     pub(super) fn finish(self) -> Result<GroupActions> {
         for (id, record) in &self.touched {
@@ -224,42 +262,76 @@ pub struct GroupView {
     /// The callback, for chords.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback: Option<ChordRecord>,
-    /// Member results in member order; `null` for a member without a result yet.
+    /// Index of the first member in `results` (a page of a large group).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub offset: u32,
+    /// Member results in member order from `offset`; `null` for a member without a result yet.
     pub results: Vec<Option<JobResult>>,
 }
 
-/// Reads group `id` and its members' results within a read transaction.
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Reads group `id` and the results of members `offset..offset + limit` within a read
+/// transaction. The page is sized by the members recorded in it, not by the group's declared
+/// size: a member that declares a million members costs nothing until results arrive.
 pub(super) fn view(
     groups: &impl ReadableTable<&'static str, &'static [u8]>,
     members: &impl ReadableTable<&'static str, &'static str>,
     jobs: &impl ReadableTable<&'static str, &'static [u8]>,
     id: &str,
+    offset: u32,
+    limit: u32,
 ) -> Result<Option<GroupView>> {
     let Some(raw) = groups.get(id).map_err(store_err)? else {
         return Ok(None);
     };
     let record: GroupRecord = serde_json::from_slice(raw.value()).map_err(store_err)?;
-    let mut results: Vec<Option<JobResult>> = vec![None; record.size as usize];
-    let (from, to) = (member_key(id, 0), member_key(id, u32::MAX));
+    let end = offset.saturating_add(limit).min(record.size);
+    let mut results: Vec<Option<JobResult>> = Vec::new();
+    let (from, to) = (
+        member_key(id, offset),
+        member_key(id, end.saturating_sub(1)),
+    );
+    if offset >= end {
+        return Ok(Some(page(id, record, offset, results)));
+    }
     for item in members
         .range(from.as_str()..=to.as_str())
         .map_err(store_err)?
     {
         let (key, job) = item.map_err(store_err)?;
-        let index: usize = key
+        let index: u32 = key
             .value()
             .rsplit('\u{0}')
             .next()
             .and_then(|i| i.parse().ok())
-            .unwrap_or(usize::MAX);
-        if let (Some(slot), Some(raw)) = (
-            results.get_mut(index),
-            jobs.get(job.value()).map_err(store_err)?,
-        ) {
-            *slot = Some(serde_json::from_slice(raw.value()).map_err(store_err)?);
+            .unwrap_or(u32::MAX);
+        if index < offset || index >= end {
+            continue;
+        }
+        if let Some(raw) = jobs.get(job.value()).map_err(store_err)? {
+            let at = (index - offset) as usize;
+            if results.len() <= at {
+                results.resize(at + 1, None);
+            }
+            results[at] = Some(serde_json::from_slice(raw.value()).map_err(store_err)?);
         }
     }
-    Ok(Some(GroupView {
+    // Members past the last result in the page, as nulls: only once the page's memory is
+    // bounded by its window.
+    if record.size <= MAX_NULLS || (end - offset) <= MAX_NULLS {
+        results.resize((end - offset) as usize, None);
+    }
+    Ok(Some(page(id, record, offset, results)))
+}
+
+/// The most `null`s a page is padded with: a page of a larger window ends at its last result.
+const MAX_NULLS: u32 = 10_000;
+
+fn page(id: &str, record: GroupRecord, offset: u32, results: Vec<Option<JobResult>>) -> GroupView {
+    GroupView {
         id: id.to_string(),
         size: record.size,
         succeeded: record.succeeded,
@@ -268,6 +340,32 @@ pub(super) fn view(
         policy: record.policy,
         first_failure: record.first_failure,
         callback: record.chord,
+        offset,
         results,
-    }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_member_ids_have_an_index() {
+        assert_eq!(member_index("g", "g.0"), Some(0));
+        assert_eq!(member_index("g", "g.17"), Some(17));
+        assert_eq!(member_index("g.x", "g.x.3"), Some(3));
+        for not in [
+            "g",
+            "g.",
+            "g.callback",
+            "g.01",
+            "g.-1",
+            "h.1",
+            "g.1.2",
+            "gg.1",
+            "g.99999999999",
+        ] {
+            assert_eq!(member_index("g", not), None, "{not}");
+        }
+    }
 }

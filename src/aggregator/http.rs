@@ -58,9 +58,31 @@ async fn job(State(state): State<AppState>, Path(id): Path<String>) -> Response 
     }
 }
 
-async fn group(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+/// `?offset=` and `?limit=` of `GET /groups/{id}`.
+#[derive(Debug, serde::Deserialize)]
+struct Page {
+    #[serde(default)]
+    offset: u32,
+    #[serde(default = "default_limit")]
+    limit: u32,
+}
+
+/// Member results per page of `GET /groups/{id}` unless `?limit=` says fewer.
+const PAGE_LIMIT: u32 = 10_000;
+
+fn default_limit() -> u32 {
+    PAGE_LIMIT
+}
+
+async fn group(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
+) -> Response {
     let store = state.store;
-    match tokio::task::spawn_blocking(move || store.group(&id).map(|g| (id, g))).await {
+    let limit = page.limit.min(PAGE_LIMIT);
+    let read = move || store.group_page(&id, page.offset, limit).map(|g| (id, g));
+    match tokio::task::spawn_blocking(read).await {
         Ok(Ok((_, Some(g)))) => Json(g).into_response(),
         Ok(Ok((id, None))) => (
             StatusCode::NOT_FOUND,

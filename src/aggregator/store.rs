@@ -37,6 +37,8 @@ pub struct BatchOutcome {
     pub recorded: u64,
     /// Results whose job id was already there.
     pub duplicates: u64,
+    /// Results not recorded: a chord callback's id taken before its chord was complete.
+    pub refused: u64,
     /// What the group members of the batch ask for.
     pub groups: GroupActions,
 }
@@ -104,6 +106,13 @@ impl Store {
                     outcome.duplicates += 1;
                     continue;
                 }
+                if counter.callback_not_due(&r.id)? {
+                    // A job that took a chord's callback id before the chord was complete:
+                    // recording it would pre-empt the real callback's result.
+                    tracing::warn!(job = %r.id, "a result for a chord callback that is not due yet; not recorded");
+                    outcome.refused += 1;
+                    continue;
+                }
                 if let Some(m) = membership {
                     counter.count(r, m)?;
                 }
@@ -134,13 +143,20 @@ impl Store {
         }
     }
 
-    /// Group `id` with its members' results, in member order.
+    /// Group `id` with all its members' results, in member order (for a chord's callback,
+    /// once every member has one).
     pub fn group(&self, id: &str) -> Result<Option<GroupView>> {
+        self.group_page(id, 0, u32::MAX)
+    }
+
+    /// Group `id` with the results of members `offset..offset + limit`, in member order. What it
+    /// allocates follows the window and the results recorded, never the size a member declared.
+    pub fn group_page(&self, id: &str, offset: u32, limit: u32) -> Result<Option<GroupView>> {
         let txn = self.db.begin_read().map_err(store_err)?;
         let groups = txn.open_table(GROUPS).map_err(store_err)?;
         let members = txn.open_table(MEMBERS).map_err(store_err)?;
         let jobs = txn.open_table(JOBS).map_err(store_err)?;
-        groups::view(&groups, &members, &jobs, id)
+        groups::view(&groups, &members, &jobs, id, offset, limit)
     }
 
     /// Chords whose callback is due but not yet confirmed published.
@@ -299,6 +315,90 @@ mod tests {
         assert!(store.due_chords().expect("due").is_empty());
         let view = store.group("g").expect("read").expect("group");
         assert_eq!(view.callback.map(|c| c.state), Some(ChordState::Published));
+    }
+
+    #[test]
+    fn only_member_ids_below_the_first_size_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .record(&[member("g", 2, 0, "succeeded")])
+            .expect("batch");
+        // A job that names the group with an id of its own, an index past the size, a member
+        // that declares a smaller size, and an index header that disagrees with the id.
+        let (mut foreign, m) = member("g", 2, 1, "succeeded");
+        foreign.id = "not-a-member".into();
+        let (past, _) = member("g", 2, 5, "succeeded");
+        let past_m = Some(Membership {
+            index: None,
+            ..m.clone().expect("membership")
+        });
+        let (small, small_m) = member("g", 1, 1, "failed");
+        let (mut liar, _) = member("g", 2, 1, "succeeded");
+        liar.id = "g.0x".into();
+        let out = store
+            .record(&[
+                (foreign, m.clone()),
+                (past, past_m),
+                (liar, m),
+                (small, small_m),
+            ])
+            .expect("batch");
+        let view = store.group("g").expect("read").expect("group");
+        assert_eq!(view.size, 2, "the first declared size holds");
+        // Only `g.1` counted (as member 1, failed): the group is done, its chord due.
+        assert_eq!((view.succeeded, view.failed), (1, 1));
+        assert_eq!(out.groups.chords_due, vec!["g".to_string()]);
+        assert_eq!(view.results.len(), 2);
+    }
+
+    #[test]
+    fn a_huge_declared_size_costs_only_what_was_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .record(&[member("big", 1_000_000, 3, "succeeded")])
+            .expect("batch");
+        let all = store.group("big").expect("read").expect("group");
+        assert_eq!(all.size, 1_000_000);
+        assert_eq!(all.results.len(), 4, "up to the last result only");
+        assert!(all.results[3].is_some());
+        let page = store
+            .group_page("big", 0, 10_000)
+            .expect("read")
+            .expect("group");
+        assert_eq!(page.results.len(), 10_000);
+        let later = store.group_page("big", 2, 5).expect("read").expect("group");
+        assert_eq!((later.offset, later.results.len()), (2, 5));
+        assert!(later.results[1].is_some() && later.results[0].is_none());
+        let past = store
+            .group_page("big", 2_000_000, 5)
+            .expect("read")
+            .expect("group");
+        assert!(past.results.is_empty());
+    }
+
+    #[test]
+    fn a_callback_id_is_not_recorded_before_its_chord_is_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let early = store
+            .record(&[
+                (result("g.callback", "succeeded"), None),
+                member("g", 2, 0, "succeeded"),
+                (result("g.callback", "succeeded"), None),
+            ])
+            .expect("batch");
+        assert_eq!((early.recorded, early.refused), (1, 2));
+        assert!(store.get("g.callback").expect("read").is_none());
+        store
+            .record(&[member("g", 2, 1, "succeeded")])
+            .expect("batch");
+        let real = store
+            .record(&[(result("g.callback", "succeeded"), None)])
+            .expect("batch");
+        assert_eq!((real.recorded, real.refused), (1, 0));
+        assert!(store.get("g.callback").expect("read").is_some());
     }
 
     #[test]

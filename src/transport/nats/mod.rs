@@ -599,6 +599,20 @@ impl Transport for NatsTransport {
                     .map_err(|e| Error::broker("reply", e));
             }
         };
+        let size = msg.body.len()
+            + msg
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>();
+        let max = usize::try_from(self.client.server_info().max_payload).unwrap_or(usize::MAX);
+        if max > 0 && size > max {
+            return Err(Error::TooLarge {
+                target: subject,
+                size,
+                max,
+            });
+        }
         let skip = matches!(route, Route::Job(_)).then_some(header::ID);
         let mut publish = jetstream::message::PublishMessage::build()
             .payload(msg.body)
