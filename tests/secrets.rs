@@ -135,7 +135,7 @@ fn round_trip_without_leaks(url: &str, wrong_url: &str, ns: &str, dir: &Path) {
             .arg("-TERM")
             .arg(child.id().to_string())
             .status();
-        let _ = child.wait();
+        common::wait_within(child, Duration::from_secs(30), "a service after SIGTERM");
     }
     // Delete after the services stopped: a connected client would re-declare what it uses.
     let deleted = run(
@@ -174,11 +174,15 @@ fn round_trip_without_leaks(url: &str, wrong_url: &str, ns: &str, dir: &Path) {
         text(&wrong)
     );
     let wrong_text = text(&wrong).to_lowercase();
+    // Each broker's own words for refused credentials.
+    let why = if url.starts_with("nats") {
+        "authorization violation"
+    } else {
+        "access_refused"
+    };
     assert!(
-        wrong_text.contains("authorization")
-            || wrong_text.contains("access_refused")
-            || wrong_text.contains("auth"),
-        "the error says why: {wrong_text}"
+        wrong_text.contains(why),
+        "the error says why ({why}): {wrong_text}"
     );
     assert!(deleted.status.success(), "{}", text(&deleted));
     for (out, children) in [
@@ -207,8 +211,9 @@ fn round_trip_without_leaks(url: &str, wrong_url: &str, ns: &str, dir: &Path) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_passwords_stay_secret() {
+/// A nats-server of the test's own with `auth` (its user and password, or token, flags) on a
+/// spare port; runs [`round_trip_without_leaks`] with the URLs `urls` makes from the port.
+async fn nats_round_trip_with(auth: &[&str], urls: impl Fn(u16) -> (String, String)) {
     common::ensure_up(Broker::Nats);
     let server = Path::new("/usr/sbin/nats-server");
     let server = if server.exists() {
@@ -219,17 +224,8 @@ async fn nats_passwords_stay_secret() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let mut nats = Command::new(&server)
-        .args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-js",
-            "--user",
-            "conv",
-            "--pass",
-            PASSWORD,
-        ])
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"])
+        .args(auth)
         .arg("-sd")
         .arg(dir.path().join("js"))
         .stdout(Stdio::null())
@@ -237,8 +233,7 @@ async fn nats_passwords_stay_secret() {
         .spawn()
         .expect("nats-server is installed (it runs the local broker too)");
     wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(10)).await;
-    let url = format!("nats://conv:{PASSWORD_IN_URL}@127.0.0.1:{port}");
-    let wrong = format!("nats://conv:wrong-pass@127.0.0.1:{port}");
+    let (url, wrong) = urls(port);
     let ns = unique_ns("s");
     let d = dir.path().to_path_buf();
     let outcome =
@@ -246,6 +241,29 @@ async fn nats_passwords_stay_secret() {
     let _ = nats.kill();
     let _ = nats.wait();
     outcome.expect("round trip");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_passwords_stay_secret() {
+    nats_round_trip_with(&["--user", "conv", "--pass", PASSWORD], |port| {
+        (
+            format!("nats://conv:{PASSWORD_IN_URL}@127.0.0.1:{port}"),
+            format!("nats://conv:wrong-pass@127.0.0.1:{port}"),
+        )
+    })
+    .await;
+}
+
+/// A NATS token in the URL (`nats://TOKEN@host`) is a secret like a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_tokens_stay_secret() {
+    nats_round_trip_with(&["--auth", PASSWORD], |port| {
+        (
+            format!("nats://{PASSWORD_IN_URL}@127.0.0.1:{port}"),
+            format!("nats://wrong-pass@127.0.0.1:{port}"),
+        )
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,7 +431,11 @@ fn tls_round_trip(url: &str, ca: &str, ns: &str, dir: &Path, label: &str) {
     let _ = Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])
         .status();
-    let _ = worker.wait();
+    common::wait_within(
+        &mut worker,
+        Duration::from_secs(30),
+        "the worker after SIGTERM",
+    );
     let worker_log = std::fs::read_to_string(dir.join("worker.err")).unwrap_or_default();
     assert!(
         trusted.status.success() && text(&trusted).contains("\"status\":\"succeeded\""),

@@ -136,9 +136,28 @@ async fn another_worker_takes_over_when_the_runner_is_killed(broker: Broker) {
         .position(|p| runner.ends_with(&format!("-{}", p.pid())))
         .expect("the runner is one of the workers");
     procs[at].kill9();
+    let killed_at = std::time::Instant::now();
     // Nothing hangs: every job ends, the killed worker's ones redelivered to the others.
     let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
+    let took = killed_at.elapsed();
     assert_eq!(results.len(), ids.len(), "every job got a result");
+    // A surviving worker took the key over and ran the handler once for all the jobs waiting on
+    // it (a redelivered copy that arrives after that run may lead one more).
+    let leads: usize = procs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != at)
+        .map(|(_, p)| p.log_text().matches("leading a singleflight run").count())
+        .sum();
+    eprintln!("after the kill: {leads} run(s) on the surviving workers, all results in {took:?}");
+    assert!(
+        (1..=2).contains(&leads),
+        "a surviving worker leads the key once (saw {leads} runs)"
+    );
+    assert!(
+        took >= Duration::from_millis(3500),
+        "the results came from a whole new 4 s run after the kill ({took:?})"
+    );
     assert!(results.iter().all(|r| r.succeeded()), "{results:?}");
     assert!(
         results

@@ -330,7 +330,7 @@ async fn two_watchers_see_every_event_of_a_run(broker: Broker) {
     let outputs: Vec<_> = tokio::task::spawn_blocking(move || {
         watchers
             .into_iter()
-            .map(|w| w.wait_with_output().expect("watch output"))
+            .map(|w| common::output_within(w, Duration::from_secs(120), "conveyor-producer watch"))
             .collect()
     })
     .await
@@ -422,10 +422,11 @@ async fn a_tee_copies_jobs_without_taking_or_stalling_work(broker: Broker) {
     let ids = common::cluster::publish_all(&stack.client, specs).await;
     // Every job ran: the tees took none and the idle one stalled nothing.
     let stats = common::wait_for_results(stack.http, 1000, WAIT).await;
-    let out = tokio::task::spawn_blocking(move || reader.wait_with_output())
-        .await
-        .expect("join")
-        .expect("tee output");
+    let out = tokio::task::spawn_blocking(move || {
+        common::output_within(reader, Duration::from_secs(120), "conveyor-producer tee")
+    })
+    .await
+    .expect("join");
     let backlog = t.tee_backlog("echo", "idle").await.expect("backlog");
     drop(idle);
     for name in ["idle", "audit"] {

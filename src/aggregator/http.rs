@@ -46,6 +46,7 @@ async fn job(State(state): State<AppState>, Path(id): Path<String>) -> Response 
             "attempt": r.attempt,
             "output": r.output,
             "error": r.error,
+            "worker": r.worker,
         }))
         .into_response(),
         Ok(Ok((id, None))) => (

@@ -284,6 +284,7 @@ async fn lead<Fut>(
 where
     Fut: Future<Output = Outcome>,
 {
+    tracing::info!(%key, "leading a singleflight run");
     let refresh = async {
         let every = crate::transport::FLIGHT_TTL / 3;
         loop {

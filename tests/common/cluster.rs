@@ -136,7 +136,7 @@ impl Cluster {
                 input.write_all(text.as_bytes()).expect("stdin");
             }
         }
-        child.wait_with_output().expect("producer output")
+        super::output_within(child, Duration::from_secs(300), "conveyor-producer")
     }
 }
 

@@ -483,3 +483,68 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         .filter_map(|l| l.trim().parse().ok())
         .collect()
 }
+
+/// Bounds a blocking wait on a child process: after `timeout` the child is killed (SIGKILL), so
+/// the wait returns, and [`Watchdog::check`] then fails the test saying what did not end.
+pub struct Watchdog {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    fired: Arc<std::sync::atomic::AtomicBool>,
+    what: String,
+    timeout: Duration,
+}
+
+impl Watchdog {
+    pub fn new(pid: u32, timeout: Duration, what: &str) -> Watchdog {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = Arc::new(AtomicBool::new(false));
+        let fired = Arc::new(AtomicBool::new(false));
+        let (d, f) = (done.clone(), fired.clone());
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            while std::time::Instant::now() < deadline {
+                if d.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !d.load(Ordering::SeqCst) {
+                f.store(true, Ordering::SeqCst);
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        });
+        Watchdog {
+            done,
+            fired,
+            what: what.to_string(),
+            timeout,
+        }
+    }
+
+    /// Call once the wait returned: fails the test when the watchdog had to kill the child.
+    pub fn check(self) {
+        use std::sync::atomic::Ordering;
+        self.done.store(true, Ordering::SeqCst);
+        assert!(
+            !self.fired.load(Ordering::SeqCst),
+            "{} did not end within {:?}; killed",
+            self.what,
+            self.timeout
+        );
+    }
+}
+
+/// `child.wait_with_output()`, bounded by `timeout` (see [`Watchdog`]).
+pub fn output_within(child: Child, timeout: Duration, what: &str) -> std::process::Output {
+    let dog = Watchdog::new(child.id(), timeout, what);
+    let out = child.wait_with_output().expect("child output");
+    dog.check();
+    out
+}
+
+/// `child.wait()`, bounded by `timeout` (see [`Watchdog`]).
+pub fn wait_within(child: &mut Child, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    let dog = Watchdog::new(child.id(), timeout, what);
+    let status = child.wait().expect("wait for child");
+    dog.check();
+    status
+}
