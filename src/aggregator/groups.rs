@@ -147,6 +147,11 @@ impl<'a, 't> Counter<'a, 't> {
 
     /// Counts `result`, a newly recorded member of `m.group`.
     pub(super) fn count(&mut self, result: &JobResult, m: &Membership) -> Result<()> {
+        // A result that is no member by its own headers neither counts nor declares the group.
+        if member_index(&m.group, &result.id).is_none_or(|i| i >= m.size) {
+            tracing::warn!(group = %m.group, job = %result.id, size = m.size, "not a member id of the group it names (<group>.<index below its size>); not counted");
+            return Ok(());
+        }
         if !self.touched.contains_key(&m.group) {
             let record = match self.groups.get(m.group.as_str()).map_err(store_err)? {
                 Some(v) => serde_json::from_slice(v.value()).map_err(store_err)?,

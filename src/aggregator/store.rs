@@ -324,8 +324,8 @@ mod tests {
         store
             .record(&[member("g", 2, 0, "succeeded")])
             .expect("batch");
-        // A job that names the group with an id of its own, an index past the size, a member
-        // that declares a smaller size, and an index header that disagrees with the id.
+        // A job that names the group with an id of its own, an index past the size, an id that
+        // is no `<group>.<i>`, and a member whose own declared size its index is not below.
         let (mut foreign, m) = member("g", 2, 1, "succeeded");
         foreign.id = "not-a-member".into();
         let (past, _) = member("g", 2, 5, "succeeded");
@@ -344,11 +344,19 @@ mod tests {
                 (small, small_m),
             ])
             .expect("batch");
+        // None counted: `g.1` declared a size of 1, which its own index is not below.
         let view = store.group("g").expect("read").expect("group");
+        assert_eq!((view.succeeded, view.failed), (1, 0));
+        assert!(out.groups.chords_due.is_empty());
+        // A member that declares a larger size counts, under the size first declared.
+        store
+            .record(&[member("h", 2, 0, "succeeded")])
+            .expect("batch");
+        let done = store.record(&[member("h", 9, 1, "failed")]).expect("batch");
+        let view = store.group("h").expect("read").expect("group");
         assert_eq!(view.size, 2, "the first declared size holds");
-        // Only `g.1` counted (as member 1, failed): the group is done, its chord due.
         assert_eq!((view.succeeded, view.failed), (1, 1));
-        assert_eq!(out.groups.chords_due, vec!["g".to_string()]);
+        assert_eq!(done.groups.chords_due, vec!["h".to_string()]);
         assert_eq!(view.results.len(), 2);
     }
 
@@ -376,6 +384,22 @@ mod tests {
             .expect("read")
             .expect("group");
         assert!(past.results.is_empty());
+    }
+
+    #[test]
+    fn a_foreign_job_cannot_declare_a_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        // First to arrive: a job that names group `g` with size 1 and an id of its own.
+        let (mut foreign, m) = member("g", 1, 0, "succeeded");
+        foreign.id = "intruder".into();
+        store.record(&[(foreign, m)]).expect("batch");
+        assert_eq!(store.group("g").expect("read"), None);
+        let first = store
+            .record(&[member("g", 3, 0, "succeeded")])
+            .expect("batch");
+        assert!(first.groups.chords_due.is_empty(), "not complete at 1 of 3");
+        assert_eq!(store.group("g").expect("read").map(|g| g.size), Some(3));
     }
 
     #[test]

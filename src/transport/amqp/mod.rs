@@ -921,6 +921,12 @@ impl Drop for AmqpAcker {
         let Some(acker) = self.acker.take() else {
             return;
         };
+        if self.cumulative {
+            // A cumulative reader acks only the last of a batch, which covers this one; handing
+            // it back would requeue a settled delivery (and a late nack of a tag the broker
+            // already forgot closes the channel).
+            return;
+        }
         tracing::debug!(kind = %self.kind, "handing back a delivery that was not settled");
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
@@ -1041,10 +1047,18 @@ impl Transport for AmqpTransport {
             &msg.body,
             to_amqp(&msg.headers),
         );
-        tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
             .await
             .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "broadcast"))?
             .map_err(|e| amqp_error("broadcast", e))?;
+        // The channel is in confirm mode, and lapin keeps every confirm dropped unawaited (for
+        // `wait_for_confirms`, which nothing here calls): a worker would grow with every event.
+        // So the confirm is awaited, off the caller's path.
+        // (No time-out: one that fired would drop the confirm unawaited after all. A confirm
+        // resolves when the broker acks it or when the channel closes.)
+        tokio::spawn(async move {
+            let _ = confirm.await;
+        });
         Ok(())
     }
 

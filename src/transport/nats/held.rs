@@ -15,7 +15,6 @@ use crate::transport::{ConsumeOptions, DeliveryStream};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use futures::StreamExt;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -28,21 +27,37 @@ const PULL_EXPIRES: Duration = Duration::from_secs(3);
 
 /// What the filling task and the reading stream share.
 struct Held {
-    /// Delivered jobs nobody took yet, with when their lease was last extended.
-    queue: Mutex<VecDeque<(Instant, jetstream::Message)>>,
+    /// The held jobs, and whether the reader waits for one.
+    state: Mutex<State>,
     /// The filler pushed a job.
     arrived: Notify,
     /// The reader took a job, or found none.
     taken: Notify,
-    /// The reader is waiting for a job (it found the queue empty).
-    waiting: AtomicBool,
     /// Set when the reader is dropped: the filler stops.
     closed: CancellationToken,
 }
 
+#[derive(Default)]
+struct State {
+    /// Delivered jobs nobody took yet, with when their lease was last extended.
+    queue: VecDeque<(Instant, jetstream::Message)>,
+    /// The reader is waiting in `next()` (it found the queue empty and has not taken one since).
+    waiting: bool,
+}
+
 impl Held {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, jetstream::Message)>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Clears the reader's `waiting` when its `next()` is dropped while it waits (a cancelled
+/// admission, a shutdown), so that nothing is pulled for a reader that went away.
+struct Waiting<'a>(&'a Held);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiting = false;
     }
 }
 
@@ -54,8 +69,10 @@ struct Reader {
 
 impl Drop for Reader {
     fn drop(&mut self) {
+        // Closed first, then drained under the lock: the filler pushes only under the lock and
+        // after checking `closed`, so every job is either drained here or handed back there.
         self.held.closed.cancel();
-        let left: Vec<_> = self.held.lock().drain(..).map(|(_, m)| m).collect();
+        let left: Vec<_> = self.held.lock().queue.drain(..).map(|(_, m)| m).collect();
         if left.is_empty() {
             return;
         }
@@ -78,10 +95,9 @@ pub(super) fn job_stream(
     prefix_len: usize,
 ) -> (DeliveryStream, CancellationToken) {
     let held = Arc::new(Held {
-        queue: Mutex::new(VecDeque::new()),
+        state: Mutex::new(State::default()),
         arrived: Notify::new(),
         taken: Notify::new(),
-        waiting: AtomicBool::new(false),
         closed: CancellationToken::new(),
     });
     let closed = held.closed.clone();
@@ -89,17 +105,23 @@ pub(super) fn job_stream(
     tokio::spawn(keep_alive(held.clone(), opts.lease));
     let reader = Reader { held, prefix_len };
     let stream = futures::stream::unfold(reader, |reader| async move {
+        let held = reader.held.clone();
+        let mut waiting = None;
         loop {
-            let next = reader.held.lock().pop_front();
+            let next = {
+                let mut st = held.lock();
+                let next = st.queue.pop_front();
+                st.waiting = next.is_none();
+                next
+            };
+            held.taken.notify_one();
             if let Some((_, m)) = next {
-                reader.held.waiting.store(false, Ordering::SeqCst);
-                reader.held.taken.notify_one();
+                drop(waiting);
                 let delivery = to_delivery(m, reader.prefix_len);
                 return Some((Ok(delivery), reader));
             }
-            reader.held.waiting.store(true, Ordering::SeqCst);
-            reader.held.taken.notify_one();
-            reader.held.arrived.notified().await;
+            waiting.get_or_insert(Waiting(&held));
+            held.arrived.notified().await;
         }
     })
     .boxed();
@@ -108,10 +130,11 @@ pub(super) fn job_stream(
 
 /// How many jobs to ask for now: `None` while the reader does not need more.
 fn wanted(held: &Held, cap: usize, one_at_a_time: bool) -> Option<usize> {
-    let len = held.lock().len();
+    let st = held.lock();
+    let len = st.queue.len();
     let want = cap.saturating_sub(len);
     let needed = if one_at_a_time {
-        len == 0 && held.waiting.load(Ordering::SeqCst)
+        len == 0 && st.waiting
     } else {
         // Refill once half the held jobs were taken, so that pulls come in batches.
         want >= cap.div_ceil(2)
@@ -128,6 +151,7 @@ async fn fill(consumer: PullConsumer, held: Arc<Held>, opts: ConsumeOptions) {
         usize::from(opts.prefetch.max(1))
     };
     let mut failures = 0u32;
+    let pause = |failures: u32| Duration::from_millis(100u64 << failures.min(5));
     loop {
         let want = loop {
             if let Some(want) = wanted(&held, cap, one) {
@@ -148,7 +172,7 @@ async fn fill(consumer: PullConsumer, held: Arc<Held>, opts: ConsumeOptions) {
             Some(Ok(batch)) => batch,
             Some(Err(e)) => {
                 failures = failures.saturating_add(1);
-                let pause = Duration::from_millis(100u64 << failures.min(5));
+                let pause = pause(failures);
                 tracing::warn!(error = %Error::broker("pull", e), "cannot pull jobs; trying again in {pause:?}");
                 tokio::select! {
                     _ = held.closed.cancelled() => return,
@@ -156,7 +180,7 @@ async fn fill(consumer: PullConsumer, held: Arc<Held>, opts: ConsumeOptions) {
                 }
             }
         };
-        failures = 0;
+        let mut failed = false;
         loop {
             let item = tokio::select! {
                 _ = held.closed.cancelled() => None,
@@ -164,18 +188,37 @@ async fn fill(consumer: PullConsumer, held: Arc<Held>, opts: ConsumeOptions) {
             };
             match item {
                 Some(Ok(m)) => {
-                    if held.closed.is_cancelled() {
+                    failures = 0;
+                    let pushed = {
+                        let mut st = held.lock();
+                        let open = !held.closed.is_cancelled();
+                        if open {
+                            st.queue.push_back((Instant::now(), m.clone()));
+                        }
+                        open
+                    };
+                    if !pushed {
                         let _ = m.ack_with(AckKind::Nak(None)).await;
                         return;
                     }
-                    held.lock().push_back((Instant::now(), m));
                     held.arrived.notify_one();
                 }
                 Some(Err(e)) => {
-                    tracing::debug!(error = %e, "pull request ended");
+                    // The server ended the pull with an error (no responders, a deleted
+                    // consumer, too many waiting pulls, a leader change): back off before the
+                    // next, as for a pull that could not be made.
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, "pull request failed; trying again in {:?}", pause(failures));
+                    failed = true;
                     break;
                 }
                 None => break,
+            }
+        }
+        if failed {
+            tokio::select! {
+                _ = held.closed.cancelled() => return,
+                _ = tokio::time::sleep(pause(failures)) => {}
             }
         }
         if held.closed.is_cancelled() {
@@ -197,6 +240,7 @@ async fn keep_alive(held: Arc<Held>, lease: Duration) {
         let now = Instant::now();
         let due: Vec<jetstream::Message> = held
             .lock()
+            .queue
             .iter_mut()
             .filter(|(at, _)| now.duration_since(*at) >= period)
             .map(|(at, m)| {

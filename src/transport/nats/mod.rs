@@ -43,6 +43,8 @@ pub struct NatsTransport {
     connects: watch::Receiver<u64>,
     /// Where a job's reply may go: subjects that begin with this (the inbox prefix).
     reply_prefix: String,
+    /// The largest message the server takes (its `max_payload`), read when connecting.
+    max_payload: usize,
 }
 
 /// NATS headers from ours, leaving out `skip` (a job's id travels as `Nats-Msg-Id` instead).
@@ -153,12 +155,14 @@ impl NatsTransport {
         let js = jetstream::ContextBuilder::new()
             .ack_timeout(PUBLISH_ACK_TIMEOUT)
             .build(client.clone());
+        let max_payload = client.server_info().max_payload;
         let t = NatsTransport {
             client,
             js,
             names,
             connects,
             reply_prefix: format!("{}.", url.inbox_prefix()),
+            max_payload,
         };
         t.declare().await?;
         Ok(t)
@@ -599,13 +603,15 @@ impl Transport for NatsTransport {
                     .map_err(|e| Error::broker("reply", e));
             }
         };
+        // Body and header lines, and room for the id header added below.
         let size = msg.body.len()
             + msg
                 .headers
                 .iter()
                 .map(|(k, v)| k.len() + v.len() + 4)
-                .sum::<usize>();
-        let max = usize::try_from(self.client.server_info().max_payload).unwrap_or(usize::MAX);
+                .sum::<usize>()
+            + 128;
+        let max = self.max_payload;
         if max > 0 && size > max {
             return Err(Error::TooLarge {
                 target: subject,

@@ -33,6 +33,10 @@ const SWEEPER: &str = "conveyor-nats-reader";
 /// Why async-nats' connection reader would refuse this header block (the same checks, in the
 /// same order), or `None` when it reads it.
 pub(crate) fn unreadable(block: &[u8]) -> Option<String> {
+    if block.is_empty() {
+        // No header block at all (a plain `PUB`): nothing to parse.
+        return None;
+    }
     let Ok(text) = std::str::from_utf8(block) else {
         return Some("the header block is not valid UTF-8".into());
     };
@@ -49,8 +53,11 @@ pub(crate) fn unreadable(block: &[u8]) -> Option<String> {
             "the header block's status {status:?} is not a number"
         ));
     }
-    for line in lines {
-        if line.is_empty() || line.starts_with(char::is_whitespace) {
+    // As async-nats reads them: a line that begins with white space continues the value of the
+    // header line before it; anywhere else it is a header line of its own.
+    let mut lines = lines.peekable();
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
             continue;
         }
         let Some((name, _)) = line.split_once(':') else {
@@ -62,6 +69,10 @@ pub(crate) fn unreadable(block: &[u8]) -> Option<String> {
                 header_safe(name)
             ));
         }
+        while lines
+            .next_if(|l| l.starts_with(char::is_whitespace))
+            .is_some()
+        {}
     }
     None
 }
@@ -269,6 +280,7 @@ mod tests {
         assert_eq!(unreadable(b"NATS/1.0\r\n\r\n"), None);
         assert_eq!(unreadable(b"NATS/1.0 408 Request Timeout\r\n\r\n"), None);
         assert_eq!(unreadable(b"NATS/1.0\r\nX: a\r\n  continued\r\n\r\n"), None);
+        assert_eq!(unreadable(b""), None, "a job without headers");
     }
 
     #[test]
@@ -281,6 +293,7 @@ mod tests {
         let why = unreadable(b"NATS/1.0\r\nno colon here\r\n\r\n").unwrap_or_default();
         assert!(why.contains("no colon"), "{why}");
         assert!(unreadable(b"HTTP/1.1\r\n\r\n").is_some());
+        assert!(unreadable(b"NATS/1.0\r\n X: y\r\n\r\n").is_some());
     }
 
     #[test]
