@@ -191,6 +191,91 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
     );
     println!("with the worker user: a cluster cap, a global rate, a breaker and singleflight ran");
 
+    // The producer user cannot pause a kind: a forged `breaker-open` for `fail`, as a lifecycle
+    // event (which the producer may emit) and on the workers' breaker topic (which it may not
+    // publish to), leaves the worker's breaker closed.
+    let as_producer = transport::connect(&roles.parsed("producer"), NS)
+        .await
+        .expect("producer user connects");
+    // Its own `published` events still go out (RabbitMQ: its topic permission lets exactly
+    // `<kind>.published` through).
+    let as_admin = transport::connect(&roles.parsed("admin"), NS)
+        .await
+        .expect("admin connects");
+    let mut heard = as_admin
+        .listen_events("echo.published")
+        .await
+        .expect("admin listens");
+    let published = conveyor::events::JobEvent::new(
+        "cfg-published",
+        "echo",
+        conveyor::events::JobState::Published,
+        1,
+    );
+    // (Sent until heard: the listener's subscription reaches the server on a connection of its
+    // own, possibly after a first event.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        as_producer
+            .emit_event("echo", "published", published.to_message())
+            .await
+            .expect("the producer emits a published event");
+        let got = tokio::time::timeout(Duration::from_millis(300), heard.next()).await;
+        if matches!(got, Ok(Some(_))) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the producer's published event never arrived"
+        );
+    }
+    let _ = as_admin.close().await;
+    let forged = conveyor::worker::breaker::BreakerEvent {
+        kind: "fail".into(),
+        state: "breaker-open".into(),
+        worker: "forger".into(),
+        until_ms: Some(conveyor::job::now_ms() + 600_000),
+        at_ms: conveyor::job::now_ms(),
+    };
+    let event = as_producer
+        .emit_event("fail", "breaker-open", forged.to_message())
+        .await;
+    let topic = conveyor::worker::breaker::topic("fail");
+    let broadcast = as_producer.broadcast(&topic, forged.to_message()).await;
+    println!("forged breaker-open as the producer: event {event:?}, broadcast {broadcast:?}");
+    // Nor speak for a worker: forged heartbeats (on RabbitMQ they share the events exchange)
+    // make no worker live in the aggregator.
+    let beat = conveyor::worker::heartbeat::Heartbeat {
+        id: "forged".into(),
+        host: "nowhere".into(),
+        pid: 1,
+        kinds: vec!["echo".into()],
+        in_flight: 0,
+        concurrency: 1,
+        version: "0".into(),
+        at_ms: conveyor::job::now_ms(),
+        interval_ms: 60_000,
+        stopping: false,
+    };
+    for topic in ["heartbeats.forged", "heartbeats.forged.published"] {
+        let sent = as_producer.broadcast(topic, beat.to_message()).await;
+        println!("forged heartbeat on {topic} as the producer: {sent:?}");
+    }
+    let _ = as_producer.close().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, workers) = http_get(addr, "/workers").await;
+    assert!(
+        !workers.to_string().contains("\"forged\""),
+        "a forged heartbeat made a worker live: {workers}"
+    );
+    let after = publish("fail", r#"{"times":0}"#, "cfg-after-forgery");
+    assert!(
+        after.status.success() && text(&after).contains("\"status\":\"succeeded\""),
+        "a forged breaker-open paused the kind:\n{}\n{}",
+        text(&after),
+        logs()
+    );
+
     // The worker user cannot publish jobs.
     let as_worker = transport::connect(&roles.parsed("worker"), NS)
         .await
@@ -367,7 +452,14 @@ impl Drop for RabbitCleanup {
 fn definitions_for(vhost: &str, user: &dyn Fn(&str) -> String) -> serde_json::Value {
     let raw = std::fs::read_to_string(config_file("definitions.json")).expect("definitions.json");
     let mut defs: serde_json::Value = serde_json::from_str(&raw).expect("definitions.json is JSON");
-    for section in ["queues", "exchanges", "bindings", "permissions", "policies"] {
+    for section in [
+        "queues",
+        "exchanges",
+        "bindings",
+        "permissions",
+        "topic_permissions",
+        "policies",
+    ] {
         for item in defs[section].as_array_mut().expect("section is a list") {
             assert_eq!(
                 item["vhost"], "conveyor",
@@ -377,7 +469,7 @@ fn definitions_for(vhost: &str, user: &dyn Fn(&str) -> String) -> serde_json::Va
         }
     }
     defs["vhosts"] = serde_json::json!([{ "name": vhost }]);
-    for section in ["users", "permissions"] {
+    for section in ["users", "permissions", "topic_permissions"] {
         let key = if section == "users" { "name" } else { "user" };
         for item in defs[section].as_array_mut().expect("section is a list") {
             let name = item[key].as_str().expect("user name").to_string();

@@ -5,9 +5,12 @@
 //! attempts. Then it is half-open: P probe jobs at a time go through; a probe that succeeds closes
 //! it, one that fails opens it again.
 //!
-//! Every opening and closing is an event (`<kind>.breaker-open`, `<kind>.breaker-closed`), and
-//! a worker with a breaker for the kind that hears another worker's `breaker-open` opens its own
-//! until the same time: the cluster stops calling the failing dependency together.
+//! Every opening and closing is an event (`<kind>.breaker-open`, `<kind>.breaker-closed`), for
+//! watchers. It is also broadcast on `breakers.<kind>`, which only workers may publish (see
+//! `broker-config/`), and a worker with a breaker for the kind that hears another worker's
+//! `breaker-open` there opens its own until the same time: the cluster stops calling the failing
+//! dependency together. (Lifecycle events are not followed: whoever publishes jobs may emit
+//! `published` events, so events could be forged.)
 
 use super::controls::{Control, Held, Next};
 use super::registry::Job;
@@ -441,7 +444,13 @@ impl Control for BreakerControl {
     }
 }
 
-/// An [`OnChange`] that publishes each change as an event of `worker`, in the background.
+/// The broadcast topic on which workers tell each other of `kind`'s breaker.
+pub fn topic(kind: &str) -> String {
+    format!("breakers.{kind}")
+}
+
+/// An [`OnChange`] that publishes each change of `worker`'s breakers, in the background: as a
+/// lifecycle event, and on the worker-only broadcast [`topic`].
 pub fn announce(transport: Arc<dyn crate::transport::Transport>, worker: String) -> OnChange {
     Arc::new(move |b: &Breaker, state: &'static str| {
         let event = BreakerEvent {
@@ -455,11 +464,15 @@ pub fn announce(transport: Arc<dyn crate::transport::Transport>, worker: String)
         };
         let transport = transport.clone();
         tokio::spawn(async move {
+            let msg = event.to_message();
             if let Err(e) = transport
-                .emit_event(&event.kind, &event.state, event.to_message())
+                .emit_event(&event.kind, &event.state, msg.clone())
                 .await
             {
                 tracing::debug!(error = %e, "breaker event not sent");
+            }
+            if let Err(e) = transport.broadcast(&topic(&event.kind), msg).await {
+                tracing::debug!(error = %e, "breaker state not broadcast");
             }
         });
     })

@@ -88,29 +88,54 @@ impl CancelRequest {
 /// How long a cancelled id or group is remembered, and how many at most.
 const REMEMBER_FOR: Duration = crate::protocol::CONTROL_RETENTION;
 const REMEMBER_AT_MOST: usize = 100_000;
+/// The most bytes of ids and reasons remembered: requests are chosen by whoever sends them.
+const REMEMBER_BYTES: usize = 16 * 1024 * 1024;
+/// Longer ids name no job (ids are at most 256 bytes) and are not remembered.
+const LONGEST_ID: usize = 256;
+/// Reasons are cut to this many bytes.
+const LONGEST_REASON: usize = 1024;
 
-/// Ids remembered for a bounded time, oldest forgotten first.
+/// Ids remembered for a bounded time, oldest forgotten first, bounded in count and bytes.
 #[derive(Default)]
 struct Remembered {
     order: VecDeque<(Instant, String)>,
     reasons: HashMap<String, String>,
+    bytes: usize,
 }
 
 impl Remembered {
     fn insert(&mut self, id: &str, reason: &str) {
         self.expire();
-        if self
-            .reasons
-            .insert(id.to_string(), reason.to_string())
-            .is_none()
-        {
-            self.order.push_back((Instant::now(), id.to_string()));
+        if id.len() > LONGEST_ID {
+            return;
         }
-        while self.order.len() > REMEMBER_AT_MOST {
-            if let Some((_, old)) = self.order.pop_front() {
-                self.reasons.remove(&old);
+        let mut cut = reason.len().min(LONGEST_REASON);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let reason = &reason[..cut];
+        match self.reasons.insert(id.to_string(), reason.to_string()) {
+            None => {
+                self.order.push_back((Instant::now(), id.to_string()));
+                self.bytes += id.len() + reason.len();
+            }
+            Some(old) => self.bytes = self.bytes.saturating_sub(old.len()) + reason.len(),
+        }
+        while self.order.len() > REMEMBER_AT_MOST || self.bytes > REMEMBER_BYTES {
+            if !self.forget_oldest() {
+                break;
             }
         }
+    }
+
+    fn forget_oldest(&mut self) -> bool {
+        let Some((_, old)) = self.order.pop_front() else {
+            return false;
+        };
+        if let Some(reason) = self.reasons.remove(&old) {
+            self.bytes = self.bytes.saturating_sub(old.len() + reason.len());
+        }
+        true
     }
 
     fn expire(&mut self) {
@@ -118,9 +143,7 @@ impl Remembered {
             if at.elapsed() < REMEMBER_FOR {
                 break;
             }
-            if let Some((_, old)) = self.order.pop_front() {
-                self.reasons.remove(&old);
-            }
+            self.forget_oldest();
         }
     }
 
@@ -403,6 +426,28 @@ pub async fn listen(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_requests_are_bounded_in_bytes() {
+        let mut r = Remembered::default();
+        let long_reason = "r".repeat(1024 * 1024);
+        for i in 0..50_000 {
+            r.insert(&format!("job-{i:0>200}"), &long_reason);
+        }
+        assert!(r.bytes <= REMEMBER_BYTES, "{} bytes remembered", r.bytes);
+        let kept: usize = r.reasons.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert_eq!(kept, r.bytes, "the count of bytes is exact");
+        assert!(
+            r.get(&format!("job-{:0>200}", 49_999)).is_some(),
+            "the newest is kept"
+        );
+        assert!(
+            r.get(&format!("job-{:0>200}", 0)).is_none(),
+            "the oldest went first"
+        );
+        r.insert(&"x".repeat(LONGEST_ID + 1), "too long an id");
+        assert!(r.get(&"x".repeat(LONGEST_ID + 1)).is_none());
+    }
 
     #[test]
     fn running_jobs_are_cancelled_and_later_ones_remembered() {

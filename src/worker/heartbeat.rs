@@ -63,7 +63,8 @@ impl Heartbeat {
         serde_json::from_slice(&msg.body).ok()
     }
 
-    fn to_message(&self) -> Message {
+    /// Encodes the heartbeat.
+    pub fn to_message(&self) -> Message {
         let body = serde_json::to_vec(self).unwrap_or_default();
         Message::new(
             Headers::new().with(header::CONTENT_TYPE, crate::codec::JSON),

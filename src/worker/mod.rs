@@ -479,24 +479,25 @@ async fn pump(
     }
 }
 
-/// Opens `breaker` when another worker's breaker for its kind opens, until the same time.
+/// Opens `breaker` when another worker's breaker for its kind opens, until the same time, as
+/// broadcast on the worker-only [`breaker::topic`].
 async fn follow_breaker(
     transport: Arc<dyn Transport>,
     breaker: Arc<breaker::Breaker>,
     me: String,
     stop: CancellationToken,
 ) {
-    let pattern = format!("{}.breaker-open", breaker.kind());
+    let pattern = breaker::topic(breaker.kind());
     let subscribe = move || {
         let (transport, pattern) = (transport.clone(), pattern.clone());
-        async move { transport.listen_events(&pattern).await }
+        async move { transport.listen(&pattern).await }
     };
     let mut events = resubscribing("other workers' breakers", None, subscribe, stop);
     while let Some(msg) = events.next().await {
         let Ok(ev) = serde_json::from_slice::<breaker::BreakerEvent>(&msg.body) else {
             continue;
         };
-        if ev.worker != me {
+        if ev.worker != me && ev.state == "breaker-open" {
             let left = ev
                 .until_ms
                 .unwrap_or(0)

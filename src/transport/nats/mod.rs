@@ -28,6 +28,10 @@ mod poison;
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// JetStream de-duplication window: a publish retried within it is stored once.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// The most bytes the control stream (cancel requests) keeps.
+const CONTROL_MAX_BYTES: i64 = 64 * 1024 * 1024;
+/// The largest cancel request the control stream takes.
+const CONTROL_MAX_MESSAGE: i32 = 256 * 1024;
 /// How long an ephemeral reader's consumer outlives its last pull.
 const EPHEMERAL_IDLE: Duration = Duration::from_secs(60);
 /// How often the catch-all worker looks for job subjects that no consumer serves.
@@ -199,10 +203,18 @@ impl NatsTransport {
             ),
         ];
         let jobs = n.stream("jobs");
+        let control = n.stream("control");
         for (name, subject, retention, max_age) in streams {
             // The jobs stream republishes every stored job for tees (a stream's republish can
             // only be set when it is created); with no tee, nothing listens and nothing is kept.
             let republish = (name == jobs).then(|| self.tee_republish());
+            // Cancel requests are small and anyone who may cancel may send them: the control
+            // stream is bounded in bytes and per message, the oldest requests dropped first.
+            let (max_bytes, max_message_size) = if name == control {
+                (CONTROL_MAX_BYTES, CONTROL_MAX_MESSAGE)
+            } else {
+                (-1, -1)
+            };
             self.js
                 .get_or_create_stream(stream::Config {
                     name,
@@ -212,6 +224,8 @@ impl NatsTransport {
                     storage: stream::StorageType::File,
                     duplicate_window: DUPLICATE_WINDOW,
                     republish,
+                    max_bytes,
+                    max_message_size,
                     ..Default::default()
                 })
                 .await
