@@ -33,6 +33,12 @@ use std::time::Duration;
 
 /// The longest a broker operation may take. lapin futures on a connection that died mid-way
 /// may never resolve, so every operation that a process waits on is bounded.
+/// How long opening a pooled connection or channel may take.
+const POOL_CREATE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a caller may wait for a pooled connection or channel.
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long checking a pooled connection or channel may take.
+const POOL_RECYCLE_TIMEOUT: Duration = Duration::from_secs(5);
 const OP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// `fut`, failing with [`Error::Timeout`] after [`OP_TIMEOUT`].
@@ -284,9 +290,15 @@ impl AmqpTransport {
 
 impl Inner {
     async fn connect(url: &BrokerUrl, names: Names) -> Result<Self> {
+        // Every wait of the pools is bounded: a connection attempt that hangs (a broker that
+        // accepts TCP while it boots) must fail, so that confirmed publishes retry, rather than
+        // hold a publisher for ever.
         let connections = managed::Pool::builder(ConnectionManager::new(url)?)
             .max_size(CONNECTIONS)
             .runtime(deadpool::Runtime::Tokio1)
+            .create_timeout(Some(POOL_CREATE_TIMEOUT))
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .recycle_timeout(Some(POOL_RECYCLE_TIMEOUT))
             .build()
             .map_err(|e| Error::Config(format!("connection pool: {e}")))?;
         let channels = managed::Pool::builder(ChannelManager {
@@ -294,6 +306,9 @@ impl Inner {
         })
         .max_size(PUBLISH_CHANNELS)
         .runtime(deadpool::Runtime::Tokio1)
+        .create_timeout(Some(POOL_CREATE_TIMEOUT))
+        .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+        .recycle_timeout(Some(POOL_RECYCLE_TIMEOUT))
         .build()
         .map_err(|e| Error::Config(format!("channel pool: {e}")))?;
         let t = Inner {
