@@ -720,17 +720,7 @@ impl Acker for PermitAcker {
         self.nack().await
     }
     async fn nack(self: Box<Self>) -> Result<()> {
-        bounded("return permit", async {
-            self.0
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await
-                .map(drop)
-                .map_err(|e| Error::broker("return permit", e))
-        })
-        .await
+        requeue("return permit", self.0).await
     }
     async fn retry(self: Box<Self>, _next: Message, _delay: Duration) -> Result<()> {
         self.nack().await
@@ -914,21 +904,22 @@ impl AmqpAcker {
             cause: "the delivery was settled already".into(),
         })
     }
+}
 
-    async fn requeue(acker: lapin::Acker) -> Result<()> {
-        let options = BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        };
-        bounded("nack", async {
-            acker
-                .nack(options)
-                .await
-                .map(drop)
-                .map_err(|e| Error::broker("nack", e))
-        })
-        .await
-    }
+/// Hands one delivery back to its queue for redelivery (`op` names it in errors).
+async fn requeue(op: &'static str, acker: lapin::Acker) -> Result<()> {
+    let options = BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    };
+    bounded(op, async {
+        acker
+            .nack(options)
+            .await
+            .map(drop)
+            .map_err(|e| Error::broker(op, e))
+    })
+    .await
 }
 
 impl Drop for AmqpAcker {
@@ -945,7 +936,7 @@ impl Drop for AmqpAcker {
         tracing::debug!(kind = %self.kind, "handing back a delivery that was not settled");
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Err(e) = AmqpAcker::requeue(acker).await {
+                if let Err(e) = requeue("nack", acker).await {
                     tracing::warn!(error = %e, "could not hand back an unsettled delivery");
                 }
             });
@@ -971,7 +962,7 @@ impl Acker for AmqpAcker {
     }
     async fn nack(mut self: Box<Self>) -> Result<()> {
         let acker = self.take()?;
-        AmqpAcker::requeue(acker).await
+        requeue("nack", acker).await
     }
     async fn retry(self: Box<Self>, mut next: Message, delay: Duration) -> Result<()> {
         // Rounded up to a power of two of milliseconds: a handful of delay queues serve all waits.

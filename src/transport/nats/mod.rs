@@ -341,12 +341,8 @@ impl NatsTransport {
             .get_or_create_consumer(durable, config.clone())
             .await
             .map_err(|e| Error::broker("create consumer", e))?;
-        let stored = consumer
-            .info()
-            .await
-            .map_err(|e| Error::broker("consumer info", e))?
-            .config
-            .ack_wait;
+        // The config the server holds came back with the consumer: no second round trip.
+        let stored = consumer.cached_info().config.ack_wait;
         if stored != opts.lease {
             tracing::info!(consumer = %durable, from = ?stored, to = ?opts.lease, "changing the consumer's lease");
             // Create-or-update: also what a 2.9 server does with a changed durable's config.
