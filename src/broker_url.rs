@@ -21,6 +21,29 @@ pub struct BrokerUrl {
     parsed: url::Url,
     ca_file: Option<PathBuf>,
     credentials_file: Option<PathBuf>,
+    max_bytes: Option<u64>,
+}
+
+/// How many bytes each of a namespace's jobs, results and dead-letter stores may hold unless
+/// the URL says otherwise (`?max_bytes=`): 4 GiB.
+pub const DEFAULT_MAX_BYTES: u64 = 4 << 30;
+
+/// Reads a byte count: digits, optionally followed by `K`, `M`, `G` or `T` (powers of 1024;
+/// `KiB`, `MB` and the like are read the same way).
+fn parse_bytes(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let n: u64 = v[..digits].parse().ok()?;
+    let unit = v[digits..].trim().to_ascii_uppercase();
+    let shift = match unit.trim_end_matches('B').trim_end_matches('I') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
 }
 
 impl BrokerUrl {
@@ -49,12 +72,23 @@ impl BrokerUrl {
                 redact_url(&parsed)
             )));
         }
+        let max_bytes = match parsed.query_pairs().find(|(k, _)| k == "max_bytes") {
+            None => None,
+            Some((_, v)) => Some(parse_bytes(&v).filter(|n| *n > 0).ok_or_else(|| {
+                Error::Config(format!(
+                    "max_bytes={v:?} in broker URL {}: expected a byte count above 0, such as \
+                     1073741824 or 1G",
+                    redact_url(&parsed)
+                ))
+            })?),
+        };
         Ok(BrokerUrl {
             kind,
             raw: s.to_string(),
             parsed,
             ca_file: None,
             credentials_file: None,
+            max_bytes,
         })
     }
 
@@ -91,6 +125,13 @@ impl BrokerUrl {
             .map(|(_, v)| v.trim_end_matches('.').to_string())
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| "_INBOX".to_string())
+    }
+
+    /// The most bytes each of the namespace's jobs, results and dead-letter stores (streams on
+    /// NATS, queues on RabbitMQ) may hold, from `?max_bytes=`: `None` when the URL does not say
+    /// (a store is then created with [`DEFAULT_MAX_BYTES`], and an existing one keeps its bound).
+    pub fn max_bytes(&self) -> Option<u64> {
+        self.max_bytes
     }
 
     /// True for `tls://` and `amqps://`.
@@ -162,6 +203,33 @@ impl std::str::FromStr for BrokerUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_bytes_reads_units_and_refuses_nonsense() {
+        let at = |q: &str| BrokerUrl::parse(&format!("nats://h:4222/?max_bytes={q}"));
+        assert_eq!(at("1024").ok().and_then(|u| u.max_bytes()), Some(1024));
+        assert_eq!(at("64K").ok().and_then(|u| u.max_bytes()), Some(64 << 10));
+        assert_eq!(at("2GiB").ok().and_then(|u| u.max_bytes()), Some(2 << 30));
+        assert_eq!(at("3mb").ok().and_then(|u| u.max_bytes()), Some(3 << 20));
+        assert_eq!(
+            BrokerUrl::parse("amqp://h/%2f")
+                .ok()
+                .and_then(|u| u.max_bytes()),
+            None
+        );
+        for bad in [
+            "",
+            "0",
+            "lots",
+            "5X",
+            "-1",
+            "99999999999999999999",
+            "20000000T",
+        ] {
+            let err = at(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("max_bytes"), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn picks_backend_by_scheme() {

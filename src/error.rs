@@ -38,6 +38,15 @@ pub enum Error {
         /// Why the broker did not confirm it.
         reason: String,
     },
+    /// The store a message goes to is full (its `max_bytes` bound): the broker refused it and
+    /// keeps what it has. Transient: it takes messages again once its readers catch up.
+    #[error("publish to {target} refused: the store is full ({reason}); it takes messages again as its readers catch up, or raise max_bytes in the broker URL")]
+    Full {
+        /// Subject or exchange/routing key.
+        target: String,
+        /// The broker's words.
+        reason: String,
+    },
     /// A message is larger than the broker takes (NATS `max_payload`). Not transient.
     #[error(
         "message of {size} bytes for {target} is larger than the broker's limit of {max} bytes"
@@ -87,7 +96,11 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Broker { .. } | Error::NotConfirmed { .. } | Error::Timeout(..) | Error::Io(_)
+            Error::Broker { .. }
+                | Error::NotConfirmed { .. }
+                | Error::Full { .. }
+                | Error::Timeout(..)
+                | Error::Io(_)
         )
     }
 }

@@ -17,6 +17,7 @@ both_brokers!(
     a_global_rate_holds_across_three_worker_processes,
     worker_rate_and_max_concurrent_hold_in_one_worker,
     a_cluster_concurrency_cap_holds_across_three_worker_processes,
+    a_full_job_store_refuses_new_jobs_and_loses_none,
 );
 
 /// Polls `/stats` until `results` reaches `n`; returns when it did.
@@ -281,4 +282,115 @@ async fn nats_jobs_waiting_on_a_rate_stay_in_the_stream() {
         "at most one job waits in the worker for a token (besides one settling): {taken}"
     );
     assert!(pending >= 15, "the rest wait in the stream: {pending}");
+}
+
+/// A namespace whose stores hold 64 KiB (`?max_bytes=64K`): jobs of 1 KiB are taken until the
+/// jobs store is full, then refused with an error that says so; every job taken is delivered,
+/// results still go through, and once the jobs are consumed new ones are taken again.
+async fn a_full_job_store_refuses_new_jobs_and_loses_none(broker: Broker) {
+    use conveyor::message::{Headers, Message};
+    use conveyor::protocol::header;
+    use conveyor::transport::{self, ConsumeOptions, Route, Source};
+    use futures::StreamExt;
+
+    let base = broker.url_str();
+    common::ensure_up(broker);
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = conveyor::BrokerUrl::parse(&format!("{base}{sep}max_bytes=64K")).expect("url");
+    let ns = common::unique_ns("full");
+    let t = transport::connect(&url, &ns).await.expect("connects");
+    let opts = ConsumeOptions {
+        prefetch: 500,
+        lease: Duration::from_secs(30),
+        ephemeral: false,
+        cumulative: false,
+        one_at_a_time: false,
+    };
+    // The kind's queue exists before the jobs come (RabbitMQ routes by it); nobody reads yet.
+    drop(
+        t.consume(Source::Kind("fill".into()), opts)
+            .await
+            .expect("consumer"),
+    );
+    let job = |i: usize| {
+        let h = Headers::new()
+            .with(header::ID, format!("fill-{i}"))
+            .with(header::KIND, "fill");
+        Message::new(h, "x".repeat(1024))
+    };
+    let mut taken = 0usize;
+    let mut refusal = None;
+    for i in 0..400 {
+        match t.publish(Route::Job("fill".into()), job(i)).await {
+            Ok(()) => taken += 1,
+            Err(e) => {
+                refusal = Some(e);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("a 64 KiB store refuses some of 400 jobs of 1 KiB");
+    println!("{broker:?}: {taken} jobs of 1 KiB taken, then: {refusal}");
+    assert!((20..=80).contains(&taken), "{taken} jobs taken in 64 KiB");
+    let text = refusal.to_string();
+    assert!(
+        matches!(refusal, conveyor::Error::Full { .. }) && text.contains("max_bytes"),
+        "the refusal says the store is full and how to raise its bound: {text}"
+    );
+    // Results are a store of their own: not stopped by the full jobs.
+    let h = Headers::new()
+        .with(header::ID, "fill-result")
+        .with(header::KIND, "fill")
+        .with(header::STATUS, "succeeded")
+        .with(header::ATTEMPT, "1");
+    t.publish(Route::Result("fill".into()), Message::new(h, "null"))
+        .await
+        .expect("a result is taken while the jobs store is full");
+    // Every job taken is there, once.
+    let mut jobs = t
+        .consume(Source::Kind("fill".into()), opts)
+        .await
+        .expect("consumer");
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < taken {
+        let d = tokio::time::timeout_at(deadline, jobs.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {taken} jobs delivered in 30 s", seen.len()))
+            .expect("consumer open")
+            .expect("delivery");
+        seen.insert(conveyor::job::id_of(&d.message.headers).unwrap_or_default());
+        d.ack().await.expect("ack");
+    }
+    let want: std::collections::BTreeSet<String> =
+        (0..taken).map(|i| format!("fill-{i}")).collect();
+    assert_eq!(seen, want, "the jobs taken are the jobs delivered");
+    // Room again: a new job is taken (the store frees acked jobs at once or within seconds).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match t.publish(Route::Job("fill".into()), job(1000)).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still refused after draining: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let extra = tokio::time::timeout(Duration::from_secs(15), jobs.next())
+        .await
+        .expect("the new job delivered")
+        .expect("consumer open")
+        .expect("delivery");
+    assert_eq!(
+        conveyor::job::id_of(&extra.message.headers).as_deref(),
+        Some("fill-1000")
+    );
+    extra.ack().await.expect("ack");
+    drop(jobs);
+    t.delete_namespace(&["fill".to_string()])
+        .await
+        .expect("namespace deleted");
 }

@@ -23,6 +23,7 @@ both_brokers!(
     chord_callback_runs_once_through_an_aggregator_kill,
     two_watchers_see_every_event_of_a_run,
     a_tee_copies_jobs_without_taking_or_stalling_work,
+    a_restarted_aggregator_republishes_no_callback_that_already_ran,
 );
 
 const SHA_ABC: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
@@ -459,4 +460,151 @@ async fn a_tee_copies_jobs_without_taking_or_stalling_work(broker: Broker) {
         backlog > 0 && backlog <= bound + 10,
         "the idle tee holds copies, within its bound (+ prefetch): {backlog}"
     );
+}
+
+/// An aggregator that died after publishing a chord's callback and before marking it published
+/// finds the chord still due when it restarts. If the callback has run meanwhile (its result is
+/// waiting in the results), it is not published again: recording it once must not depend on
+/// the broker dropping a copy (RabbitMQ drops none; JetStream only within its window). A due
+/// chord whose callback has no result yet is published, as before.
+async fn a_restarted_aggregator_republishes_no_callback_that_already_ran(broker: Broker) {
+    use conveyor::aggregator::{self, AggregatorConfig, Store};
+    use conveyor::message::{Headers, Message};
+    use conveyor::protocol::header;
+    use conveyor::result::JobResult;
+    use conveyor::transport::{self, ConsumeOptions, Route, Source};
+    use conveyor::workflow::Membership;
+    use futures::StreamExt;
+
+    let url = broker.url();
+    let ns = common::unique_ns("cbr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let member = |group: &str, index: u32| {
+        let result = JobResult {
+            id: conveyor::workflow::member_id(group, index),
+            kind: "echo".into(),
+            status: "succeeded".into(),
+            attempt: 1,
+            output: json!(index),
+            error: None,
+            worker: None,
+            group: Some(group.into()),
+            index: Some(index),
+            chain: None,
+            step: None,
+            steps: None,
+        };
+        let membership = Membership {
+            group: group.into(),
+            size: 2,
+            index: Some(index),
+            policy: Policy::FailFast,
+            chord: Some("cbkind".into()),
+            chord_reply_to: None,
+        };
+        (result, Some(membership))
+    };
+    {
+        let store = Store::open(dir.path()).expect("open");
+        let g1 = format!("{ns}-ran");
+        let g2 = format!("{ns}-due");
+        store
+            .record(&[
+                member(&g1, 0),
+                member(&g1, 1),
+                member(&g2, 0),
+                member(&g2, 1),
+            ])
+            .expect("members recorded");
+        let mut due = store.due_chords().expect("due");
+        due.sort();
+        assert_eq!(due, vec![g2.clone(), g1.clone()], "both chords due");
+    }
+    let t = transport::connect(&url, &ns).await.expect("connects");
+    // The callback queue exists (and is read) before the aggregator starts.
+    let mut jobs = t
+        .consume(
+            Source::Kind("cbkind".into()),
+            ConsumeOptions {
+                prefetch: 10,
+                lease: Duration::from_secs(30),
+                ephemeral: false,
+                cumulative: false,
+                one_at_a_time: false,
+            },
+        )
+        .await
+        .expect("consumes the callback kind");
+    // The first chord's callback ran while the aggregator was down: its result waits.
+    let ran = format!("{ns}-ran.callback");
+    let h = Headers::new()
+        .with(header::ID, ran.clone())
+        .with(header::KIND, "cbkind")
+        .with(header::STATUS, "succeeded")
+        .with(header::ATTEMPT, "1")
+        .with(header::WORKER, "elsewhere");
+    t.publish(Route::Result("cbkind".into()), Message::new(h, "[0,1]"))
+        .await
+        .expect("callback result published");
+
+    let stop = CancellationToken::new();
+    let at = transport::connect(&url, &ns).await.expect("connects");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let agg = tokio::spawn(aggregator::run(
+        at,
+        AggregatorConfig {
+            store_dir: dir.path().to_path_buf(),
+            http: "127.0.0.1:0".parse().expect("addr"),
+            store_cache_bytes: aggregator::store::DEFAULT_CACHE_BYTES,
+        },
+        stop.clone(),
+        Some(tx),
+    ));
+    let http = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("aggregator ready in time")
+        .expect("aggregator address");
+    // The due chord's callback comes (this proves the callbacks are read here)...
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let due = format!("{ns}-due.callback");
+    while !seen.contains(&due) {
+        let next = tokio::time::timeout_at(deadline, jobs.next())
+            .await
+            .unwrap_or_else(|_| panic!("no callback for the due chord within 30 s: {seen:?}"))
+            .expect("consumer open")
+            .expect("delivery");
+        seen.push(conveyor::job::id_of(&next.message.headers).unwrap_or_default());
+        next.ack().await.expect("ack");
+    }
+    // ... and nothing more: the callback that already ran is not published again.
+    let quiet = tokio::time::sleep(Duration::from_secs(6));
+    tokio::pin!(quiet);
+    loop {
+        tokio::select! {
+            _ = &mut quiet => break,
+            d = jobs.next() => {
+                let d = d.expect("consumer open").expect("delivery");
+                seen.push(conveyor::job::id_of(&d.message.headers).unwrap_or_default());
+                d.ack().await.expect("ack");
+            }
+        }
+    }
+    println!("callbacks published after the restart: {seen:?}");
+    assert_eq!(
+        seen,
+        vec![due],
+        "only the due chord's callback is published"
+    );
+    let (_, record) = http_get(http, &format!("/jobs/{ran}")).await;
+    assert_eq!(
+        record["worker"], "elsewhere",
+        "the ran callback recorded once: {record}"
+    );
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), agg).await;
+    drop(jobs);
+    t.delete_namespace(&["cbkind".to_string()])
+        .await
+        .expect("namespace deleted");
 }

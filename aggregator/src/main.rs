@@ -24,6 +24,11 @@ struct Args {
     /// Directory of the durable result store.
     #[arg(long, env = "CONVEYOR_STORE", default_value = "./conveyor-store")]
     store: PathBuf,
+    /// Memory for the store's page cache, in MiB: the aggregator's memory stays near this plus
+    /// its batches however many results the store holds.
+    #[arg(long, env = "CONVEYOR_STORE_CACHE_MIB", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    store_cache_mib: u16,
     /// HTTP listen address.
     #[arg(long, env = "CONVEYOR_HTTP", default_value = "127.0.0.1:8080")]
     http: SocketAddr,
@@ -42,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let config = AggregatorConfig {
         store_dir: args.store,
         http: args.http,
+        store_cache_bytes: usize::from(args.store_cache_mib) << 20,
     };
     aggregator::run(transport, config, shutdown, None).await?;
     Ok(())

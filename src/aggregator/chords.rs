@@ -4,8 +4,11 @@
 //! failure, sent after the commit, then marked sent; the sweep sends again what was not marked.
 //!
 //! A due callback is published (confirmed) with the id `<group>.callback`, then marked published.
-//! If the aggregator dies between the two, the restarted one publishes it again with the same id:
-//! JetStream's de-duplication drops the copy, and the result is recorded once on both brokers.
+//! If the aggregator dies between the two, the restarted one first reads the results that came
+//! in meanwhile (the sweep waits until none is ready): a callback whose result is recorded ran,
+//! and is only marked. One still waiting to run is published again with the same id; JetStream
+//! drops that copy within its de-duplication window, RabbitMQ runs it twice, and on both its
+//! result is recorded once.
 //! A chord with a member that did not succeed gets no callback run: its callback id gets a
 //! `failed` result naming the first failed member.
 
@@ -103,6 +106,16 @@ async fn try_complete(transport: &dyn Transport, store: &Store, group: &str) -> 
     let Some(chord) = view.callback.clone() else {
         return Ok(());
     };
+    let (s, id) = (store.clone(), chord.id.clone());
+    if blocking(move || s.get(&id)).await?.is_some() {
+        // Published by an earlier run that died before marking it, and run since: the result
+        // is in. Publishing it again would run it again (JetStream drops a copy only within its
+        // de-duplication window; RabbitMQ never does).
+        let (s, g) = (store.clone(), group.to_string());
+        blocking(move || s.chord_published(&g)).await?;
+        tracing::info!(%group, callback = %chord.id, "chord callback already ran; not published again");
+        return Ok(());
+    }
     let why_not = if view.failed == 0 {
         // The callback job, unless it cannot be made or published at all (an id too long, an
         // input larger than the broker takes): then its failed result, with the reason. Only an

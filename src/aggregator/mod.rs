@@ -33,6 +33,8 @@ pub struct AggregatorConfig {
     pub store_dir: PathBuf,
     /// HTTP listen address.
     pub http: SocketAddr,
+    /// The most bytes of the store's pages kept in memory.
+    pub store_cache_bytes: usize,
 }
 
 /// Runs the aggregator until `shutdown`. `ready` receives the bound HTTP address.
@@ -43,7 +45,8 @@ pub async fn run(
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<()> {
     let dir = config.store_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+    let cache = config.store_cache_bytes;
+    let store = tokio::task::spawn_blocking(move || Store::open_with(&dir, cache))
         .await
         .map_err(|e| Error::Store(e.to_string()))??;
     let listener = tokio::net::TcpListener::bind(config.http)
@@ -92,9 +95,9 @@ pub async fn run(
     let mut results = transport
         .consume(Source::Results("aggregator".into()), opts)
         .await?;
-    // Callbacks left due by an earlier run (or a failed publish) go out first, then every few
-    // seconds.
-    chords::sweep(transport.as_ref(), &store).await;
+    // Callbacks left due by an earlier run (or a failed publish) go out every few seconds, when
+    // no result is ready: after a restart the results that came in meanwhile are read first,
+    // so that a callback which ran while the aggregator was down is not published again.
     let mut sweeps =
         tokio::time::interval_at(tokio::time::Instant::now() + CHORD_SWEEP, CHORD_SWEEP);
     let mut ended = false;

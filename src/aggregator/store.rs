@@ -18,6 +18,8 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const DUPLICATES: &str = "duplicates";
 const STATUS_PREFIX: &str = "status:";
+/// The page cache of [`Store::open`]: 64 MiB.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
 /// Counts for `GET /stats`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -54,10 +56,19 @@ pub(super) fn store_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl Store {
-    /// Opens (or creates) the store in directory `dir`.
+    /// Opens (or creates) the store in directory `dir`, with the default page cache.
     pub fn open(dir: &Path) -> Result<Store> {
+        Store::open_with(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in directory `dir`; redb keeps at most `cache_bytes` of its
+    /// pages in memory (its own default is 1 GiB, which a large store fills).
+    pub fn open_with(dir: &Path, cache_bytes: usize) -> Result<Store> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::create(dir.join("results.redb")).map_err(store_err)?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(dir.join("results.redb"))
+            .map_err(store_err)?;
         let txn = db.begin_write().map_err(store_err)?;
         {
             txn.open_table(JOBS).map_err(store_err)?;

@@ -264,6 +264,15 @@ pub trait Transport: Send + Sync + 'static {
     /// Removes tee `name` of `kind` and the copies in it.
     async fn delete_tee(&self, kind: &str, name: &str) -> Result<()>;
 
+    /// Makes the broker drop a job re-published with the same id for at least `window` after
+    /// the first (JetStream's de-duplication window, widened when shorter; never narrowed).
+    /// RabbitMQ drops no copies, so there it does nothing: the aggregator records each id once
+    /// on both brokers whatever the window.
+    async fn keep_job_ids(&self, window: Duration) -> Result<()> {
+        let _ = window;
+        Ok(())
+    }
+
     /// Settles everything in flight and closes the connection cleanly.
     async fn close(&self) -> Result<()>;
 

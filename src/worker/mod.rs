@@ -195,6 +195,15 @@ pub async fn run(
         cumulative: false,
         one_at_a_time: false,
     };
+    // A job whose worker dies is delivered again after its lease, once per attempt; a step it
+    // re-publishes (a chain's next step) must still find its first copy's id remembered.
+    transport
+        .keep_job_ids(
+            config
+                .lease
+                .saturating_mul(crate::job::DEFAULT_MAX_ATTEMPTS),
+        )
+        .await?;
     runs_every(&registry, config.kind_limits.keys(), "a limit")?;
     runs_every(&registry, config.breakers.keys(), "--breaker")?;
     let events = if config.events {

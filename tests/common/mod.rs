@@ -156,6 +156,7 @@ impl Stack {
             AggregatorConfig {
                 store_dir: store.path().to_path_buf(),
                 http: "127.0.0.1:0".parse().expect("addr"),
+                store_cache_bytes: aggregator::store::DEFAULT_CACHE_BYTES,
             },
             stop.clone(),
             Some(tx),

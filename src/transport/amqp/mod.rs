@@ -83,10 +83,31 @@ struct Inner {
     retry_queues: Arc<Mutex<HashSet<String>>>,
     /// Channels with consumers on them, closed with a round trip first by `close`.
     consumer_channels: Mutex<Vec<(lapin::Channel, u16)>>,
+    /// The byte bound of the jobs, results and dead-letter queues, and whether the URL named it.
+    max_bytes: u64,
+    max_bytes_named: bool,
 }
 
 fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// The queue argument that bounds a queue in bytes.
+const MAX_LENGTH_BYTES: &str = "x-max-length-bytes";
+
+/// The argument named when a declare failed because the queue exists with another byte bound
+/// or overflow behaviour (PRECONDITION_FAILED, "inequivalent arg").
+fn inequivalent_bound(e: &lapin::Error) -> Option<&'static str> {
+    const PRECONDITION_FAILED: u16 = 406;
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) if p.get_id() == PRECONDITION_FAILED => {
+            let text = p.get_message().as_str();
+            [MAX_LENGTH_BYTES, "x-overflow"]
+                .into_iter()
+                .find(|arg| text.contains(&format!("'{arg}'")))
+        }
+        _ => None,
+    }
 }
 
 fn quorum_args() -> FieldTable {
@@ -317,6 +338,10 @@ impl Inner {
             names,
             retry_queues: Arc::default(),
             consumer_channels: Mutex::default(),
+            max_bytes: url
+                .max_bytes()
+                .unwrap_or(crate::broker_url::DEFAULT_MAX_BYTES),
+            max_bytes_named: url.max_bytes().is_some(),
         };
         bounded("declare", t.declare()).await?;
         Ok(t)
@@ -350,12 +375,24 @@ impl Inner {
             (n.exchange("retry"), ExchangeKind::Headers, plain()),
         ];
         let queues = vec![
-            Binding::new(n.unrouted(), n.unrouted(), ""),
-            Binding::new(n.results_queue(), n.exchange("results"), "#"),
-            Binding::new(n.dead_queue(), n.exchange("dead"), "#"),
+            self.stored(n.unrouted(), n.unrouted(), ""),
+            self.stored(n.results_queue(), n.exchange("results"), "#"),
+            self.stored(n.dead_queue(), n.exchange("dead"), "#"),
             control_log_binding(n),
         ];
         (exchanges, queues)
+    }
+
+    /// A quorum queue of jobs, results or dead letters bound with `key`: bounded in bytes, and
+    /// refusing (negative confirm) what would pass the bound rather than dropping what it holds.
+    fn stored(&self, queue: String, exchange: String, key: &str) -> Binding {
+        let mut b = Binding::new(queue, exchange, key);
+        b.args.insert(
+            MAX_LENGTH_BYTES.into(),
+            AMQPValue::LongLongInt(i64::try_from(self.max_bytes).unwrap_or(i64::MAX)),
+        );
+        b.args.insert("x-overflow".into(), long("reject-publish"));
+        b
     }
 
     /// Declares the topology. A user without configure permissions (see `broker-config/`,
@@ -363,7 +400,7 @@ impl Inner {
     async fn declare(&self) -> Result<()> {
         let (exchanges, queues) = self.topology();
         let declared = async {
-            let ch = self.channel().await?;
+            let mut ch = self.channel().await?;
             for (name, kind, args) in &exchanges {
                 ch.exchange_declare(
                     name.as_str().into(),
@@ -378,7 +415,7 @@ impl Inner {
                 .map_err(|e| amqp_error("declare exchange", e))?;
             }
             for b in &queues {
-                self.queue(&ch, b).await?;
+                self.queue(&mut ch, b).await?;
             }
             let _ = ch.close(200, "declared".into()).await;
             Ok(())
@@ -400,11 +437,34 @@ impl Inner {
         }
     }
 
-    /// Declares `b`'s queue with its options and arguments, and binds it.
-    async fn queue(&self, ch: &lapin::Channel, b: &Binding) -> Result<()> {
-        ch.queue_declare(b.queue.as_str().into(), b.options, b.args.clone())
-            .await
-            .map_err(|e| amqp_error("declare queue", e))?;
+    /// Declares `b`'s queue with its options and arguments, and binds it. A queue declared
+    /// before queues had byte bounds is kept as it is, unless the URL names a bound: RabbitMQ
+    /// cannot change a queue's arguments, so that fails saying so. (The broker closes `ch` on
+    /// such a mismatch; `ch` is then a new channel.)
+    async fn queue(&self, ch: &mut lapin::Channel, b: &Binding) -> Result<()> {
+        let declared = ch
+            .queue_declare(b.queue.as_str().into(), b.options, b.args.clone())
+            .await;
+        if let Err(e) = declared {
+            let Some(arg) = inequivalent_bound(&e) else {
+                return Err(amqp_error("declare queue", e));
+            };
+            if self.max_bytes_named {
+                return Err(Error::Config(format!(
+                    "the broker URL asks for max_bytes={} but queue {} exists with another \
+                     {arg}, and RabbitMQ cannot change a queue's arguments: drop max_bytes \
+                     from the URL (and bound the queue with a policy), or delete the namespace",
+                    self.max_bytes, b.queue
+                )));
+            }
+            tracing::warn!(
+                queue = %b.queue,
+                "the queue exists without Conveyor's byte bound; kept as it is (bound it with \
+                 a max-length-bytes policy)"
+            );
+            *ch = self.channel().await?;
+            passive_queue(ch, &b.queue, "it exists with other arguments").await?;
+        }
         ch.queue_bind(
             b.queue.as_str().into(),
             b.exchange.as_str().into(),
@@ -419,8 +479,8 @@ impl Inner {
     /// Declares and binds a queue on a channel of its own; a user who may not do that gets
     /// the queue checked passively instead (it must then exist already).
     async fn declare_bound(&self, b: &Binding) -> Result<()> {
-        let ch = self.channel().await?;
-        match self.queue(&ch, b).await {
+        let mut ch = self.channel().await?;
+        match self.queue(&mut ch, b).await {
             Ok(()) => {
                 let _ = ch.close(200, "declared".into()).await;
                 Ok(())
@@ -508,9 +568,11 @@ impl Inner {
                 reason: e.to_string(),
             })?;
         if confirmation.is_nack() {
-            return Err(Error::NotConfirmed {
+            // What a queue at its x-max-length-bytes with reject-publish answers (Conveyor's
+            // queues all are); RabbitMQ gives no reason with a negative confirm.
+            return Err(Error::Full {
                 target,
-                reason: "broker sent a negative confirm".into(),
+                reason: "negative confirm: a queue it routes to is at its max_bytes bound, or could not store it".into(),
             });
         }
         if let Some(returned) = confirmation.take_message() {
@@ -610,7 +672,7 @@ impl Inner {
         let queue = match source {
             Source::Kind(kind) => {
                 let queue = n.job_queue(kind);
-                self.declare_bound(&Binding::new(queue.clone(), n.exchange("jobs"), kind))
+                self.declare_bound(&self.stored(queue.clone(), n.exchange("jobs"), kind))
                     .await?;
                 queue
             }
@@ -626,7 +688,7 @@ impl Inner {
                 let binding = if opts.ephemeral {
                     Binding::ephemeral(q.clone(), n.exchange(class), "#")
                 } else {
-                    Binding::new(q.clone(), n.exchange(class), "#")
+                    self.stored(q.clone(), n.exchange(class), "#")
                 };
                 self.declare_bound(&binding).await?;
                 q

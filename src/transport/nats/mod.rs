@@ -26,8 +26,13 @@ mod poison;
 
 /// How long a publish may wait for its PubAck.
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// JetStream de-duplication window: a publish retried within it is stored once.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// JetStream de-duplication window: a publish retried within it is stored once. 150 s: the
+/// default 30 s lease times the default 5 attempts; workers with a longer lease widen the jobs
+/// stream's ([`Transport::keep_job_ids`]).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(150);
+/// The widest de-duplication window asked for: the server keeps every id of the window.
+const MAX_DUPLICATE_WINDOW: Duration = Duration::from_secs(86_400);
+use crate::broker_url::DEFAULT_MAX_BYTES;
 /// The most bytes the control stream (cancel requests) keeps.
 const CONTROL_MAX_BYTES: i64 = 64 * 1024 * 1024;
 /// The largest cancel request the control stream takes.
@@ -168,11 +173,15 @@ impl NatsTransport {
             reply_prefix: format!("{}.", url.inbox_prefix()),
             max_payload,
         };
-        t.declare().await?;
+        t.declare(url.max_bytes()).await?;
         Ok(t)
     }
 
-    async fn declare(&self) -> Result<()> {
+    /// Declares the namespace's streams. The jobs, results and dead-letter streams are bounded
+    /// in bytes and refuse what would pass the bound (discard `new`: a full stream pushes back
+    /// on its publishers and loses nothing stored): created with `max_bytes`, or
+    /// [`DEFAULT_MAX_BYTES`]; an existing stream is changed to a `max_bytes` the URL names.
+    async fn declare(&self, max_bytes: Option<u64>) -> Result<()> {
         let n = &self.names;
         let ns = n.namespace();
         let streams = [
@@ -210,26 +219,64 @@ impl NatsTransport {
             let republish = (name == jobs).then(|| self.tee_republish());
             // Cancel requests are small and anyone who may cancel may send them: the control
             // stream is bounded in bytes and per message, the oldest requests dropped first.
-            let (max_bytes, max_message_size) = if name == control {
-                (CONTROL_MAX_BYTES, CONTROL_MAX_MESSAGE)
+            let bounded = name != control;
+            let (bytes, max_message_size, discard) = if bounded {
+                let bytes = max_bytes.unwrap_or(DEFAULT_MAX_BYTES);
+                let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+                (bytes, -1, stream::DiscardPolicy::New)
             } else {
-                (-1, -1)
+                (
+                    CONTROL_MAX_BYTES,
+                    CONTROL_MAX_MESSAGE,
+                    stream::DiscardPolicy::Old,
+                )
             };
-            self.js
-                .get_or_create_stream(stream::Config {
-                    name,
-                    subjects: vec![subject],
-                    retention,
-                    max_age,
-                    storage: stream::StorageType::File,
-                    duplicate_window: DUPLICATE_WINDOW,
-                    republish,
-                    max_bytes,
-                    max_message_size,
-                    ..Default::default()
-                })
+            let config = stream::Config {
+                name,
+                subjects: vec![subject],
+                retention,
+                max_age,
+                storage: stream::StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                republish,
+                max_bytes: bytes,
+                max_message_size,
+                discard,
+                ..Default::default()
+            };
+            let mut stream = self
+                .js
+                .get_or_create_stream(config.clone())
                 .await
                 .map_err(|e| Error::broker("declare stream", e))?;
+            if bounded && max_bytes.is_some() {
+                let info = stream
+                    .info()
+                    .await
+                    .map_err(|e| Error::broker("stream info", e))?;
+                let current = info.config.clone();
+                if current.max_bytes != bytes || current.discard != stream::DiscardPolicy::New {
+                    tracing::info!(
+                        stream = %current.name,
+                        from = current.max_bytes,
+                        to = bytes,
+                        "changing the stream's byte bound (max_bytes in the broker URL)"
+                    );
+                    let updated = stream::Config {
+                        max_bytes: bytes,
+                        discard: stream::DiscardPolicy::New,
+                        ..current
+                    };
+                    self.js.update_stream(updated).await.map_err(|e| {
+                        Error::Config(format!(
+                            "the broker URL asks for max_bytes={} on stream {}, which has {}, \
+                             and the stream could not be changed ({e}); drop max_bytes from \
+                             the URL or let this user update the stream",
+                            bytes, config.name, info.config.max_bytes
+                        ))
+                    })?;
+                }
+            }
         }
         Ok(())
     }
@@ -644,10 +691,61 @@ impl Transport for NatsTransport {
                 target: subject.clone(),
                 reason: e.to_string(),
             })?;
-        ack.await.map_err(|e| Error::NotConfirmed {
-            target: subject,
-            reason: e.to_string(),
+        ack.await.map_err(|e| {
+            let reason = e.to_string();
+            // JSStreamStoreFailed for a stream with discard `new` at its max_bytes.
+            if reason.contains("10077") || reason.contains("maximum bytes exceeded") {
+                Error::Full {
+                    target: subject,
+                    reason,
+                }
+            } else {
+                Error::NotConfirmed {
+                    target: subject,
+                    reason,
+                }
+            }
         })?;
+        Ok(())
+    }
+
+    async fn keep_job_ids(&self, window: Duration) -> Result<()> {
+        let window = window.min(MAX_DUPLICATE_WINDOW);
+        let name = self.names.stream("jobs");
+        let mut stream = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| Error::broker("get stream", e))?;
+        let current = stream
+            .info()
+            .await
+            .map_err(|e| Error::broker("stream info", e))?
+            .config
+            .clone();
+        if current.duplicate_window >= window {
+            return Ok(());
+        }
+        tracing::info!(
+            stream = %name,
+            from = ?current.duplicate_window,
+            to = ?window,
+            "widening the de-duplication window to cover the lease times the attempts"
+        );
+        let was = current.duplicate_window;
+        self.js
+            .update_stream(stream::Config {
+                duplicate_window: window,
+                ..current
+            })
+            .await
+            .map_err(|e| {
+                Error::Config(format!(
+                    "stream {name} drops re-published job ids for {was:?}, shorter than the \
+                     {window:?} this worker's --lease needs, and it could not be widened ({e}): \
+                     let this user update the stream, or shorten --lease"
+                ))
+            })?;
         Ok(())
     }
 
