@@ -4,7 +4,8 @@
 # once each part is recorded. Memory that keeps growing with the jobs is a leak.
 #
 #   scripts/soak.sh BROKER_URL [JOBS]     (default 1,000,000; binaries from $BIN, default
-#                                          target/release: cargo build --release first)
+#                                          target/release: cargo build --release first;
+#                                          extra aggregator flags in $AGGREGATOR_ARGS)
 set -euo pipefail
 url=${1:?usage: scripts/soak.sh BROKER_URL [JOBS]}
 jobs=${2:-1000000}
@@ -22,7 +23,7 @@ EOF
 }
 rss() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 "$bin/conveyor-aggregator" --broker "$url" --namespace "$ns" --http "127.0.0.1:$port" \
-  --store "$dir/store" >"$dir/aggregator.log" 2>&1 &
+  --store "$dir/store" ${AGGREGATOR_ARGS:-} >"$dir/aggregator.log" 2>&1 &
 agg=$!
 "$bin/conveyor-worker" --broker "$url" --namespace "$ns" --kinds echo >"$dir/worker.log" 2>&1 &
 worker=$!

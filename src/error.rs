@@ -39,7 +39,8 @@ pub enum Error {
         reason: String,
     },
     /// The store a message goes to is full (its `max_bytes` bound): the broker refused it and
-    /// keeps what it has. Transient: it takes messages again once its readers catch up.
+    /// keeps what it has. Transient: it takes messages again once its readers catch up. (On
+    /// RabbitMQ a negative confirm is reported so; a queue without a leader sends one too.)
     #[error("publish to {target} refused: the store is full ({reason}); it takes messages again as its readers catch up, or raise max_bytes in the broker URL")]
     Full {
         /// Subject or exchange/routing key.

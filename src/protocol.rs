@@ -276,6 +276,10 @@ impl Names {
     pub fn permit_subject(&self, kind: &str, i: u32) -> String {
         format!("{}.permits.{kind}.{i}", self.ns)
     }
+    /// NATS subject and AMQP queue of `kind`'s global rate tokens.
+    pub fn token_subject(&self, kind: &str) -> String {
+        format!("{}.tokens.{kind}", self.ns)
+    }
     /// AMQP queue of `kind`'s cluster-wide concurrency permits.
     pub fn permit_queue(&self, kind: &str) -> String {
         format!("{}.permits.{kind}", self.ns)

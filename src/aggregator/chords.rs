@@ -71,15 +71,7 @@ async fn cancel(transport: &dyn Transport, store: &Store, group: &str, why: &str
 /// Sends every due fail-fast cancel and publishes every due callback (after a restart, or after
 /// a failed send).
 pub async fn sweep(transport: &dyn Transport, store: &Store) {
-    let s = store.clone();
-    match blocking(move || s.due_cancels()).await {
-        Ok(due) => {
-            for (group, why) in due {
-                cancel(transport, store, &group, &why).await;
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot read the due fail-fast cancels"),
-    }
+    sweep_cancels(transport, store).await;
     let s = store.clone();
     match blocking(move || s.due_chords()).await {
         Ok(due) => {
@@ -88,6 +80,19 @@ pub async fn sweep(transport: &dyn Transport, store: &Store) {
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot read the due chords"),
+    }
+}
+
+/// Sends every due fail-fast cancel (sending one twice is harmless).
+pub async fn sweep_cancels(transport: &dyn Transport, store: &Store) {
+    let s = store.clone();
+    match blocking(move || s.due_cancels()).await {
+        Ok(due) => {
+            for (group, why) in due {
+                cancel(transport, store, &group, &why).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the due fail-fast cancels"),
     }
 }
 

@@ -95,19 +95,29 @@ pub async fn run(
     let mut results = transport
         .consume(Source::Results("aggregator".into()), opts)
         .await?;
-    // Callbacks left due by an earlier run (or a failed publish) go out every few seconds, when
-    // no result is ready: after a restart the results that came in meanwhile are read first,
-    // so that a callback which ran while the aggregator was down is not published again.
+    // Fail-fast cancels left due by an earlier run go out at once (twice is harmless). Due
+    // callbacks wait until no result is ready: after a restart the results that came in
+    // meanwhile are read first, so that a callback which ran while the aggregator was down is
+    // not published again. From then on both are swept every few seconds, busy or not.
+    chords::sweep_cancels(transport.as_ref(), &store).await;
     let mut sweeps =
         tokio::time::interval_at(tokio::time::Instant::now() + CHORD_SWEEP, CHORD_SWEEP);
+    let mut caught_up = false;
+    let mut last_sweep = tokio::time::Instant::now();
     let mut ended = false;
     loop {
+        if caught_up && last_sweep.elapsed() >= CHORD_SWEEP {
+            chords::sweep(transport.as_ref(), &store).await;
+            last_sweep = tokio::time::Instant::now();
+        }
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             d = results.next() => d,
             _ = sweeps.tick() => {
+                caught_up = true;
                 chords::sweep(transport.as_ref(), &store).await;
+                last_sweep = tokio::time::Instant::now();
                 continue;
             }
         };

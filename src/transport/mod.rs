@@ -252,6 +252,15 @@ pub trait Transport: Send + Sync + 'static {
     async fn permits(&self, kind: &str, count: u32, opts: ConsumeOptions)
         -> Result<DeliveryStream>;
 
+    /// A reader of `kind`'s rate tokens, which [`Transport::add_tokens`] puts in: each delivery
+    /// is one token, to be acked when taken. Pulled one at a time, so a token waits in a worker
+    /// only while a job of it waits for one.
+    async fn tokens(&self, kind: &str, opts: ConsumeOptions) -> Result<DeliveryStream>;
+
+    /// Puts up to `n` tokens in `kind`'s bucket without letting more than `burst` wait in it;
+    /// returns how many it put. Meant for one caller at a time (the kind's elected pacer).
+    async fn add_tokens(&self, kind: &str, n: u32, burst: u32) -> Result<u32>;
+
     /// Claims singleflight key `key` (letters and digits) for this process: `None` when another
     /// process holds it. A claim of a process that dies is freed by the broker (RabbitMQ when its
     /// connection closes, JetStream when it is not refreshed for [`FLIGHT_TTL`]).

@@ -63,6 +63,12 @@ impl Transport for Offline {
     async fn permits(&self, _: &str, _: u32, _: ConsumeOptions) -> Result<DeliveryStream> {
         offline("permits")
     }
+    async fn tokens(&self, _: &str, _: ConsumeOptions) -> Result<DeliveryStream> {
+        offline("tokens")
+    }
+    async fn add_tokens(&self, _: &str, _: u32, _: u32) -> Result<u32> {
+        offline("add tokens")
+    }
     async fn claim_flight(&self, _: &str) -> Result<Option<Box<dyn FlightClaim>>> {
         offline("claim flight")
     }

@@ -55,7 +55,7 @@ pub struct Flights {
 }
 
 /// The hash that names `key` on the broker.
-fn hash(key: &str) -> String {
+pub(crate) fn hash(key: &str) -> String {
     hex::encode(&Sha256::digest(key.as_bytes())[..16])
 }
 

@@ -100,59 +100,6 @@ pub(crate) async fn run(
     let _ = transport.broadcast(&topic, beat.to_message()).await;
 }
 
-/// Keeps each gate's share of its global rate equal to 1 / (live workers serving its kind),
-/// counting this worker (`me`) even before its own first beat is heard. A worker is live while
-/// it beats (silent for three intervals, or stopping, is gone). Listens again if the
-/// subscription ends; stops with `stop`.
-pub async fn share_rates(
-    transport: Arc<dyn Transport>,
-    gates: Vec<(String, Arc<super::limits::RateControl>)>,
-    me: String,
-    stop: CancellationToken,
-) {
-    use futures::StreamExt;
-    use std::collections::HashMap;
-    use std::time::Instant;
-    let mut seen: HashMap<String, (Heartbeat, Instant)> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let subscribe = move || {
-        let transport = transport.clone();
-        async move { transport.listen(PATTERN).await }
-    };
-    let mut beats = crate::transport::retry::resubscribing(
-        "heartbeats for the rate shares",
-        None,
-        subscribe,
-        stop,
-    );
-    loop {
-        tokio::select! {
-            beat = beats.next() => match beat {
-                Some(msg) => {
-                    if let Some(hb) = Heartbeat::from_message(&msg) {
-                        seen.insert(hb.id.clone(), (hb, Instant::now()));
-                    }
-                }
-                None => return,
-            },
-            _ = tick.tick() => {
-                seen.retain(|_, (hb, at)| {
-                    !hb.stopping
-                        && at.elapsed() < Duration::from_millis(hb.interval_ms.max(100)) * 3
-                });
-                for (kind, gate) in &gates {
-                    let others = seen
-                        .values()
-                        .filter(|(hb, _)| hb.id != me)
-                        .filter(|(hb, _)| hb.kinds.is_empty() || hb.kinds.contains(kind))
-                        .count();
-                    gate.set_live_workers(u32::try_from(others + 1).unwrap_or(u32::MAX));
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,8 @@
 //! - `--max-concurrent KIND=N`: at most N jobs of the kind at once in this worker (a semaphore);
 //! - `--worker-rate KIND=N/s`: at most N jobs a second started by this worker (governor);
 //! - `--rate KIND=N/s`: at most N a second across every worker of the namespace that serves the
-//!   kind: each worker takes an equal share, N / (live workers serving the kind), counted from
-//!   the heartbeats, so workers joining or leaving rebalance within a few heartbeats.
+//!   kind: a token of the kind's bucket on the broker per job, which one elected worker fills at
+//!   the rate (see [`super::pacer`]).
 //!
 //! Rates are `N/s`, `N/m` or `N/h`, optionally with a burst: `50/s@10` (default burst 1: evenly
 //! spaced).
@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -102,54 +102,31 @@ pub fn parse_kind_value<T>(
     Ok((kind.to_string(), value(v)?))
 }
 
-/// The cluster share of a global rate: rebuilt when the number of live workers changes.
-struct Share {
-    rate: Rate,
-    current: Mutex<(u32, Arc<DefaultDirectRateLimiter>)>,
-}
-
-/// The `rate` control of a kind: a token of this worker's rate, then of its share of the
-/// cluster's rate, before the next job is taken.
+/// The `rate` control of a kind: a token of this worker's rate, then one of the cluster's
+/// (from the kind's bucket on the broker), before the next job is taken.
 pub struct RateControl {
     worker: Option<DefaultDirectRateLimiter>,
-    global: Option<Share>,
+    global: Option<super::pacer::Tokens>,
 }
 
 impl RateControl {
-    /// The rate control for `limits`; `None` when it sets no rate.
-    pub fn new(limits: &KindLimits) -> Result<Option<RateControl>> {
+    /// The rate control for `limits`, with `global` the kind's tokens when it has a global
+    /// rate; `None` when it sets no rate.
+    pub fn new(
+        limits: &KindLimits,
+        global: Option<super::pacer::Tokens>,
+    ) -> Result<Option<RateControl>> {
         let bad = |what: &str| Error::Config(format!("invalid {what}"));
         let worker = match &limits.worker_rate {
             Some(r) => Some(r.limiter(1).ok_or_else(|| bad("--worker-rate"))?),
             None => None,
         };
-        let global = match &limits.rate {
-            Some(r) => Some(Share {
-                rate: *r,
-                current: Mutex::new((1, Arc::new(r.limiter(1).ok_or_else(|| bad("--rate"))?))),
-            }),
-            None => None,
-        };
-        Ok((worker.is_some() || global.is_some()).then_some(RateControl { worker, global }))
-    }
-
-    /// True when the kind has a global rate (and so wants to know the live workers).
-    pub fn has_global_rate(&self) -> bool {
-        self.global.is_some()
-    }
-
-    /// Sets this worker's share of the global rate: `live` workers serve the kind.
-    pub fn set_live_workers(&self, live: u32) {
-        if let Some(g) = &self.global {
-            let live = live.max(1);
-            let mut cur = g.current.lock().unwrap_or_else(|p| p.into_inner());
-            if cur.0 != live {
-                if let Some(l) = g.rate.limiter(live) {
-                    *cur = (live, Arc::new(l));
-                    tracing::info!(live, "global rate shared among {live} worker(s)");
-                }
-            }
+        if limits.rate.is_some() != global.is_some() {
+            return Err(Error::Config(
+                "a global rate needs the kind's tokens (and tokens a global rate)".into(),
+            ));
         }
+        Ok((worker.is_some() || global.is_some()).then_some(RateControl { worker, global }))
     }
 
     /// Waits for a token of each rate.
@@ -158,13 +135,7 @@ impl RateControl {
             l.until_ready().await;
         }
         if let Some(g) = &self.global {
-            let limiter = g
-                .current
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .1
-                .clone();
-            limiter.until_ready().await;
+            g.take().await;
         }
     }
 }
@@ -345,16 +316,28 @@ mod tests {
         );
         assert!(parse_kind_value("hash", Rate::parse).is_err());
         let none = KindLimits::default();
-        assert!(matches!(RateControl::new(&none), Ok(None)));
+        assert!(matches!(RateControl::new(&none, None), Ok(None)));
+        // A global rate without the kind's tokens is a wiring mistake, named.
+        let global = KindLimits {
+            rate: Rate::parse("5/s").ok(),
+            ..KindLimits::default()
+        };
+        assert!(matches!(
+            RateControl::new(&global, None),
+            Err(Error::Config(_))
+        ));
         assert!(matches!(ConcurrencyControl::new(&none), Ok(None)));
     }
 
     #[tokio::test]
-    async fn a_rate_spaces_jobs_and_its_share_shrinks_with_more_workers() {
-        let gate = RateControl::new(&KindLimits {
-            rate: Rate::parse("100/s").ok(),
-            ..KindLimits::default()
-        })
+    async fn a_worker_rate_spaces_jobs() {
+        let gate = RateControl::new(
+            &KindLimits {
+                worker_rate: Rate::parse("100/s").ok(),
+                ..KindLimits::default()
+            },
+            None,
+        )
         .expect("valid")
         .expect("a rate");
         let start = tokio::time::Instant::now();
@@ -364,17 +347,6 @@ mod tests {
         // 10 intervals of 10 ms (the first is free).
         assert!(
             start.elapsed() >= Duration::from_millis(90),
-            "{:?}",
-            start.elapsed()
-        );
-        gate.set_live_workers(4);
-        let start = tokio::time::Instant::now();
-        for _ in 0..6 {
-            gate.wait().await;
-        }
-        // Now 25/s here: 5 intervals of 40 ms.
-        assert!(
-            start.elapsed() >= Duration::from_millis(190),
             "{:?}",
             start.elapsed()
         );

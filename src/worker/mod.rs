@@ -12,6 +12,7 @@ pub mod controls;
 pub mod flight;
 pub mod heartbeat;
 pub mod limits;
+pub mod pacer;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod process;
@@ -197,13 +198,18 @@ pub async fn run(
     };
     // A job whose worker dies is delivered again after its lease, once per attempt; a step it
     // re-publishes (a chain's next step) must still find its first copy's id remembered.
-    transport
+    if let Err(e) = transport
         .keep_job_ids(
             config
                 .lease
                 .saturating_mul(crate::job::DEFAULT_MAX_ATTEMPTS),
         )
-        .await?;
+        .await
+    {
+        // Not fatal: the aggregator records each id once whatever the window; a step re-published
+        // past it may run twice.
+        tracing::warn!(error = %e, "the de-duplication window stays as it is");
+    }
     runs_every(&registry, config.kind_limits.keys(), "a limit")?;
     runs_every(&registry, config.breakers.keys(), "--breaker")?;
     let events = if config.events {
@@ -215,7 +221,6 @@ pub async fn run(
     let every_kind = stacks::EveryKind::new(&config, &transport, &events, &cancels);
     let mut stacks = HashMap::new();
     let mut sources = Vec::new();
-    let mut rates = Vec::new();
     let mut breakers = Vec::new();
     for kind in registry.kinds() {
         let Some(handler) = registry.get(&kind).cloned() else {
@@ -231,11 +236,6 @@ pub async fn run(
         let source = transport
             .consume(Source::Kind(kind.clone()), source_opts)
             .await?;
-        rates.extend(
-            k.rate
-                .filter(|r| r.has_global_rate())
-                .map(|r| (kind.clone(), r)),
-        );
         breakers.extend(k.breaker);
         sources.push((kind.clone(), source, Some(k.stack.clone())));
         stacks.insert(kind, k.stack);
@@ -301,14 +301,6 @@ pub async fn run(
         interval_ms: u64::try_from(shared.config.heartbeat.as_millis()).unwrap_or(u64::MAX),
         stopping: false,
     };
-    let share_task = (!rates.is_empty()).then(|| {
-        tokio::spawn(heartbeat::share_rates(
-            transport.clone(),
-            rates,
-            shared.config.worker_id.clone(),
-            beating.clone(),
-        ))
-    });
     let trips: Vec<_> = breakers
         .iter()
         .map(|b| {
@@ -353,9 +345,6 @@ pub async fn run(
     beating.cancel();
     let _ = heart.await;
     let _ = cancel_listener.await;
-    if let Some(t) = share_task {
-        let _ = t.await;
-    }
     for t in trips {
         let _ = t.await;
     }

@@ -58,7 +58,11 @@ pub(crate) async fn kind_controls(
         .breakers
         .get(kind)
         .map(|cfg| breaker::Breaker::new(kind, *cfg));
-    let rate = limits::RateControl::new(&l)?.map(Arc::new);
+    let tokens = match l.rate {
+        Some(r) => Some(super::pacer::Tokens::start(transport.clone(), kind, r, opts).await?),
+        None => None,
+    };
+    let rate = limits::RateControl::new(&l, tokens)?.map(Arc::new);
     let mut concurrency = limits::ConcurrencyControl::new(&l)?;
     let mut prefetch = opts.prefetch;
     if let Some(c) = &mut concurrency {
@@ -172,7 +176,8 @@ mod tests {
             KindLimits {
                 max_concurrent: Some(2),
                 worker_rate: Rate::parse("1000/s@10").ok(),
-                rate: Rate::parse("1000/s@10").ok(),
+                // The global rate needs a broker's token bucket: its own tests run on both.
+                rate: None,
                 cluster_max_concurrent: None,
             },
         );

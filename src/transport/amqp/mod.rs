@@ -572,7 +572,10 @@ impl Inner {
             // queues all are); RabbitMQ gives no reason with a negative confirm.
             return Err(Error::Full {
                 target,
-                reason: "negative confirm: a queue it routes to is at its max_bytes bound, or could not store it".into(),
+                reason:
+                    "negative confirm: a queue it routes to is at its max_bytes bound, or could \
+                         not store it for now"
+                        .into(),
             });
         }
         if let Some(returned) = confirmation.take_message() {
@@ -688,7 +691,11 @@ impl Inner {
                 let binding = if opts.ephemeral {
                     Binding::ephemeral(q.clone(), n.exchange(class), "#")
                 } else {
-                    self.stored(q.clone(), n.exchange(class), "#")
+                    // A reader's own copy: bounded, its oldest dropped at the bound, so that a
+                    // reader that went away never refuses (and so stops) every result.
+                    let mut b = self.stored(q.clone(), n.exchange(class), "#");
+                    b.args.insert("x-overflow".into(), long("drop-head"));
+                    b
                 };
                 self.declare_bound(&binding).await?;
                 q
@@ -760,7 +767,16 @@ struct AmqpFlight {
 #[async_trait]
 impl super::FlightClaim for AmqpFlight {
     async fn refresh(&self) -> Result<()> {
-        Ok(())
+        // The exclusive queue lives as long as its connection: a closed channel means the claim
+        // went with a lost connection, and another process may hold the key now.
+        if self.ch.status().connected() {
+            Ok(())
+        } else {
+            Err(Error::broker(
+                "refresh claim",
+                std::io::Error::other("the claim was lost with its connection"),
+            ))
+        }
     }
     async fn release(self: Box<Self>) -> Result<()> {
         let _ = self
@@ -861,6 +877,8 @@ enum Feed {
     Source(Source),
     /// The permits of `kind`'s cluster-wide cap, in `queue`.
     Permits { kind: String, queue: String },
+    /// The rate tokens of `kind`, in `queue`.
+    Tokens { queue: String },
 }
 
 impl Inner {
@@ -872,7 +890,26 @@ impl Inner {
         match feed {
             Feed::Source(source) => self.open_consumer(source, opts).await,
             Feed::Permits { queue, .. } => self.consume_queue(queue.clone(), opts, false).await,
+            Feed::Tokens { queue } => {
+                self.token_queue(queue).await?;
+                self.consume_queue(queue.clone(), opts, false).await
+            }
         }
+    }
+}
+
+impl Inner {
+    /// Declares a kind's token queue: classic and durable (tokens lost with the broker are
+    /// made again by the pacer), with no bound of its own (the pacer counts what waits).
+    /// Returns the tokens ready in it.
+    async fn token_queue(&self, queue: &str) -> Result<u32> {
+        let ch = self.channel().await?;
+        let q = ch
+            .queue_declare(queue.into(), durable(), FieldTable::default())
+            .await
+            .map_err(|e| amqp_error("declare tokens", e))?;
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(q.message_count())
     }
 }
 
@@ -1225,6 +1262,72 @@ impl Transport for AmqpTransport {
         .stream())
     }
 
+    async fn tokens(&self, kind: &str, opts: ConsumeOptions) -> Result<DeliveryStream> {
+        crate::protocol::validate_kind(kind)?;
+        let feed = Feed::Tokens {
+            queue: self.inner.names.token_subject(kind),
+        };
+        // One at a time: a token waits in a worker only while a job there waits for it.
+        let opts = ConsumeOptions {
+            prefetch: 1,
+            ..opts
+        };
+        let first = bounded("consume tokens", self.inner.open_feed(&feed, opts)).await?;
+        Ok(Resubscribing {
+            inner: self.inner.clone(),
+            source: feed,
+            opts,
+            cumulative: false,
+            current: Some(first),
+        }
+        .stream())
+    }
+
+    async fn add_tokens(&self, kind: &str, n: u32, burst: u32) -> Result<u32> {
+        let queue = self.inner.names.token_subject(kind);
+        // Ready tokens; the few taken by waiting workers and not yet acked (one per worker at
+        // most) are not counted.
+        let ready = bounded("count tokens", self.inner.token_queue(&queue)).await?;
+        let put = burst.saturating_sub(ready).min(n);
+        if put == 0 {
+            return Ok(0);
+        }
+        let ch = self
+            .inner
+            .channels
+            .get()
+            .await
+            .map_err(|e| pool_error("channel pool", e))?;
+        let mut confirms = Vec::with_capacity(put as usize);
+        for _ in 0..put {
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"",
+                    BasicProperties::default(),
+                )
+                .await
+                .map_err(|e| amqp_error("add token", e))?;
+            confirms.push(confirm);
+        }
+        drop(ch);
+        for confirm in confirms {
+            let c = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+                .await
+                .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "token confirm"))?
+                .map_err(|e| amqp_error("add token", e))?;
+            if c.is_nack() {
+                return Err(Error::NotConfirmed {
+                    target: queue,
+                    reason: "negative confirm for a token".into(),
+                });
+            }
+        }
+        Ok(put)
+    }
+
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {
         // An exclusive queue: one connection can hold it; it goes when that connection does.
         let queue = format!("{}.flights.{key}", self.inner.names.namespace());
@@ -1343,6 +1446,7 @@ impl Transport for AmqpTransport {
         ];
         queues.extend(kinds.iter().map(|kind| n.job_queue(kind)));
         queues.extend(kinds.iter().map(|kind| n.permit_queue(kind)));
+        queues.extend(kinds.iter().map(|kind| n.token_subject(kind)));
         // Every delay a retry can have been rounded to (see `AmqpAcker::retry`).
         queues.extend(crate::protocol::retry_delays_ms().map(|ms| n.retry_queue(ms)));
         for q in queues {

@@ -220,10 +220,18 @@ impl NatsTransport {
             // Cancel requests are small and anyone who may cancel may send them: the control
             // stream is bounded in bytes and per message, the oldest requests dropped first.
             let bounded = name != control;
+            // The jobs stream refuses what would pass its bound: its publishers wait, nothing
+            // stored is lost. Results and dead letters are acked, not removed, by their reader
+            // (they are kept for others to read, up to their age): at the bound the oldest go.
+            let wanted_discard = if name == jobs {
+                stream::DiscardPolicy::New
+            } else {
+                stream::DiscardPolicy::Old
+            };
             let (bytes, max_message_size, discard) = if bounded {
                 let bytes = max_bytes.unwrap_or(DEFAULT_MAX_BYTES);
                 let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
-                (bytes, -1, stream::DiscardPolicy::New)
+                (bytes, -1, wanted_discard)
             } else {
                 (
                     CONTROL_MAX_BYTES,
@@ -255,7 +263,7 @@ impl NatsTransport {
                     .await
                     .map_err(|e| Error::broker("stream info", e))?;
                 let current = info.config.clone();
-                if current.max_bytes != bytes || current.discard != stream::DiscardPolicy::New {
+                if current.max_bytes != bytes || current.discard != wanted_discard {
                     tracing::info!(
                         stream = %current.name,
                         from = current.max_bytes,
@@ -264,7 +272,7 @@ impl NatsTransport {
                     );
                     let updated = stream::Config {
                         max_bytes: bytes,
-                        discard: stream::DiscardPolicy::New,
+                        discard: wanted_discard,
                         ..current
                     };
                     self.js.update_stream(updated).await.map_err(|e| {
@@ -279,6 +287,23 @@ impl NatsTransport {
             }
         }
         Ok(())
+    }
+
+    /// The stream of every kind's rate tokens: in memory (a token lost with the server is made
+    /// again by the pacer), a work queue (a token acked is gone), kept at most an hour.
+    async fn tokens_stream(&self) -> Result<stream::Stream> {
+        let n = &self.names;
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: n.stream("tokens"),
+                subjects: vec![format!("{}.tokens.>", n.namespace())],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::Memory,
+                max_age: Duration::from_secs(3600),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::broker("declare stream", e))
     }
 
     /// Where the jobs stream republishes each stored job: `<ns>.jobs.<kind>` → `<ns>.tee.<kind>`.
@@ -542,10 +567,17 @@ struct NatsFlight {
 impl super::FlightClaim for NatsFlight {
     async fn refresh(&self) -> Result<()> {
         let seq = *self.seq.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(next) = publish_expecting(&self.js, &self.subject, seq).await? {
-            *self.seq.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        match publish_expecting(&self.js, &self.subject, seq).await? {
+            Some(next) => {
+                *self.seq.lock().unwrap_or_else(|p| p.into_inner()) = next;
+                Ok(())
+            }
+            // The claim expired and was taken (or renewed) by another process.
+            None => Err(Error::broker(
+                "refresh claim",
+                std::io::Error::other("the claim expired and another process holds it"),
+            )),
         }
-        Ok(())
     }
     async fn release(self: Box<Self>) -> Result<()> {
         let seq = *self.seq.lock().unwrap_or_else(|p| p.into_inner());
@@ -693,8 +725,8 @@ impl Transport for NatsTransport {
             })?;
         ack.await.map_err(|e| {
             let reason = e.to_string();
-            // JSStreamStoreFailed for a stream with discard `new` at its max_bytes.
-            if reason.contains("10077") || reason.contains("maximum bytes exceeded") {
+            // The jobs stream (discard `new`) at its max_bytes.
+            if reason.contains("maximum bytes exceeded") {
                 Error::Full {
                     target: subject,
                     reason,
@@ -839,6 +871,60 @@ impl Transport for NatsTransport {
         // seconds.
         let (stream, _closed) = held::job_stream(consumer, opts, ns.len() + 1);
         Ok(stream)
+    }
+
+    async fn tokens(&self, kind: &str, opts: ConsumeOptions) -> Result<DeliveryStream> {
+        crate::protocol::validate_kind(kind)?;
+        self.tokens_stream().await?;
+        let n = &self.names;
+        let opts = ConsumeOptions {
+            ephemeral: false,
+            one_at_a_time: true,
+            ..opts
+        };
+        let consumer = self
+            .consumer(
+                &n.stream("tokens"),
+                &format!("tokens={}", kind.replace('.', "=")),
+                n.token_subject(kind),
+                opts,
+            )
+            .await?;
+        let (stream, _closed) = held::job_stream(consumer, opts, n.namespace().len() + 1);
+        Ok(stream)
+    }
+
+    async fn add_tokens(&self, kind: &str, n: u32, burst: u32) -> Result<u32> {
+        use futures::TryStreamExt;
+        let stream = self.tokens_stream().await?;
+        let subject = self.names.token_subject(kind);
+        // Tokens waiting, taken-but-unacked ones included (a work queue drops a token when it
+        // is acked).
+        let waiting: u64 = stream
+            .info_with_subjects(&subject)
+            .await
+            .map_err(|e| Error::broker("token count", e))?
+            .try_fold(
+                0u64,
+                |sum, (_, count)| async move { Ok(sum + count as u64) },
+            )
+            .await
+            .map_err(|e| Error::broker("token count", e))?;
+        let room = u64::from(burst).saturating_sub(waiting);
+        let put = u32::try_from(room.min(u64::from(n))).unwrap_or(n);
+        let mut acks = Vec::with_capacity(put as usize);
+        for _ in 0..put {
+            let ack = self
+                .js
+                .publish(subject.clone(), bytes::Bytes::new())
+                .await
+                .map_err(|e| Error::broker("add token", e))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| Error::broker("add token", e))?;
+        }
+        Ok(put)
     }
 
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {
@@ -998,7 +1084,7 @@ impl Transport for NatsTransport {
 
     async fn delete_namespace(&self, _kinds: &[String]) -> Result<()> {
         for class in [
-            "jobs", "results", "dead", "control", "tee", "permits", "flights",
+            "jobs", "results", "dead", "control", "tee", "permits", "flights", "tokens",
         ] {
             let name = self.names.stream(class);
             match self.js.delete_stream(&name).await {
