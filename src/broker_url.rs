@@ -24,8 +24,9 @@ pub struct BrokerUrl {
     max_bytes: Option<u64>,
 }
 
-/// How many bytes each of a namespace's jobs, results and dead-letter stores may hold unless
-/// the URL says otherwise (`?max_bytes=`): 4 GiB.
+/// How many bytes each of a namespace's RabbitMQ jobs, results and dead-letter queues may hold
+/// unless the URL says otherwise (`?max_bytes=`): 4 GiB. (NATS streams are bounded only when the
+/// URL names a bound: JetStream reserves a bounded stream's bytes on the server.)
 pub const DEFAULT_MAX_BYTES: u64 = 4 << 30;
 
 /// Reads a byte count: digits, optionally followed by `K`, `M`, `G` or `T` (powers of 1024;
@@ -129,7 +130,8 @@ impl BrokerUrl {
 
     /// The most bytes each of the namespace's jobs, results and dead-letter stores (streams on
     /// NATS, queues on RabbitMQ) may hold, from `?max_bytes=`: `None` when the URL does not say
-    /// (a store is then created with [`DEFAULT_MAX_BYTES`], and an existing one keeps its bound).
+    /// (a RabbitMQ queue is then created with [`DEFAULT_MAX_BYTES`], a NATS stream unbounded, and
+    /// an existing one keeps its bound).
     pub fn max_bytes(&self) -> Option<u64> {
         self.max_bytes
     }

@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-both_brokers!(breaker_opens_holds_jobs_and_closes_after_recovery);
+both_brokers!(
+    breaker_opens_holds_jobs_and_closes_after_recovery,
+    a_worker_started_while_a_breaker_is_open_learns_it,
+);
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -103,5 +106,122 @@ async fn breaker_opens_holds_jobs_and_closes_after_recovery(broker: Broker) {
         }
     }
     assert_eq!(states, ["breaker-open", "breaker-closed"]);
+    stack.stop().await;
+}
+
+/// A worker that starts while another's breaker for its kind is open learns it within about a
+/// second (the opener repeats its `breaker-open` until it ends) and takes no job of the kind
+/// before the breaker's end.
+async fn a_worker_started_while_a_breaker_is_open_learns_it(broker: Broker) {
+    use conveyor::transport;
+    use conveyor::worker;
+    use tokio_util::sync::CancellationToken;
+
+    let failing = |calls: Arc<AtomicU32>, down: Arc<AtomicBool>| {
+        handler_fn(move |_: Value, _: JobContext| {
+            let (calls, down) = (calls.clone(), down.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                if down.load(Ordering::SeqCst) {
+                    Err(JobError::retry("the dependency is down"))
+                } else {
+                    Ok(json!({"ok": true}))
+                }
+            }
+        })
+    };
+    let down = Arc::new(AtomicBool::new(true));
+    let (a_calls, b_calls) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let mut breakers = HashMap::new();
+    breakers.insert(
+        "flaky".to_string(),
+        BreakerConfig::parse("3/8s/1").expect("config"),
+    );
+    let config = WorkerConfig {
+        concurrency: 1,
+        breakers,
+        ..test_worker_config()
+    };
+    let mut registry = builtin::registry();
+    registry.register("flaky", failing(a_calls.clone(), down.clone()));
+    let stack = Stack::start_with(broker, config.clone(), registry).await;
+    let mut events = stack
+        .client
+        .transport()
+        .listen_events("flaky.*")
+        .await
+        .expect("listen");
+    let mut waiter = stack.client.waiter().await.expect("waiter");
+    let reply = waiter.address().to_string();
+    let spec = |i: u32| {
+        JobSpec::new("flaky", json!(i))
+            .max_attempts(20)
+            .reply_to(&reply)
+    };
+    let mut ids = common::cluster::publish_all(&stack.client, (0..3).map(spec).collect()).await;
+    // The first worker's breaker opens...
+    let until_ms = loop {
+        let msg = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("breaker-open in time")
+            .expect("events open");
+        if let Ok(ev) = serde_json::from_slice::<BreakerEvent>(&msg.body) {
+            if ev.state == "breaker-open" {
+                break ev.until_ms.expect("an open breaker says until when");
+            }
+        }
+    };
+    // ...then a second worker of the kind starts, whose handler would succeed at once.
+    let stop = CancellationToken::new();
+    let mut registry = builtin::registry();
+    registry.register(
+        "flaky",
+        failing(b_calls.clone(), Arc::new(AtomicBool::new(false))),
+    );
+    let t = transport::connect(&broker.url(), &stack.ns)
+        .await
+        .expect("connects");
+    let second = tokio::spawn(worker::run(
+        t,
+        registry,
+        WorkerConfig {
+            concurrency: 4,
+            worker_id: "second".into(),
+            ..config
+        },
+        stop.clone(),
+        CancellationToken::new(),
+    ));
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    ids.extend(common::cluster::publish_all(&stack.client, (3..11).map(spec).collect()).await);
+    // No job of the kind runs on it before the breaker's end.
+    let first_b_call = async {
+        while b_calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        conveyor::job::now_ms()
+    };
+    let left = until_ms.saturating_sub(conveyor::job::now_ms());
+    let early = tokio::time::timeout(
+        Duration::from_millis(left.saturating_sub(300)),
+        first_b_call,
+    )
+    .await
+    .ok();
+    down.store(false, Ordering::SeqCst);
+    eprintln!(
+        "{broker:?}: breaker open until {until_ms}; the second worker's first call: {:?} ({} ms before the end)",
+        early,
+        early.map(|at| until_ms.saturating_sub(at)).unwrap_or(0)
+    );
+    assert!(
+        early.is_none(),
+        "the second worker ran a job of the open kind"
+    );
+    let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
+    assert_eq!(results.len(), 11);
+    assert!(results.iter().all(|r| r.succeeded()), "{results:?}");
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), second).await;
     stack.stop().await;
 }

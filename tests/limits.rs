@@ -64,8 +64,10 @@ async fn a_global_rate_holds_across_three_worker_processes(broker: Broker) {
     let to = when_recorded(&cluster, 550).await;
     let rate = 400.0 / (to - from).as_secs_f64();
     eprintln!("global rate with three workers at --rate hash=50/s: {rate:.1} jobs/s");
+    // Never over (the workers' three buckets would allow 150/s); under only as far as a loaded
+    // two-core machine falls behind.
     assert!(
-        (40.0..=60.0).contains(&rate),
+        (30.0..=60.0).contains(&rate),
         "the cluster ran {rate:.1} jobs/s; the limit is 50/s (not 150/s)"
     );
 }

@@ -449,8 +449,14 @@ pub fn topic(kind: &str) -> String {
     format!("breakers.{kind}")
 }
 
+/// How often an open breaker's state is broadcast again until it ends.
+const REPEAT_OPEN: Duration = Duration::from_secs(1);
+/// How long a worker with breakers listens for open ones before it takes jobs.
+pub const LEARN_OPEN: Duration = Duration::from_millis(1500);
+
 /// An [`OnChange`] that publishes each change of `worker`'s breakers, in the background: as a
-/// lifecycle event, and on the worker-only broadcast [`topic`].
+/// lifecycle event, and on the worker-only broadcast [`topic`] (an open one every second until
+/// it ends, for workers that start meanwhile).
 pub fn announce(transport: Arc<dyn crate::transport::Transport>, worker: String) -> OnChange {
     Arc::new(move |b: &Breaker, state: &'static str| {
         let event = BreakerEvent {
@@ -471,8 +477,20 @@ pub fn announce(transport: Arc<dyn crate::transport::Transport>, worker: String)
             {
                 tracing::debug!(error = %e, "breaker event not sent");
             }
-            if let Err(e) = transport.broadcast(&topic(&event.kind), msg).await {
-                tracing::debug!(error = %e, "breaker state not broadcast");
+            // An open breaker is said again every REPEAT_OPEN until its end, so that a worker
+            // that starts meanwhile learns it (broadcasts are not kept).
+            loop {
+                if let Err(e) = transport.broadcast(&topic(&event.kind), msg.clone()).await {
+                    tracing::debug!(error = %e, "breaker state not broadcast");
+                }
+                let left = event
+                    .until_ms
+                    .unwrap_or(0)
+                    .saturating_sub(crate::job::now_ms());
+                if left <= REPEAT_OPEN.as_millis() as u64 {
+                    break;
+                }
+                tokio::time::sleep(REPEAT_OPEN).await;
             }
         });
     })

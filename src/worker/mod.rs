@@ -272,6 +272,24 @@ pub async fn run(
         requests,
         beating.clone(),
     ));
+    let trips: Vec<_> = breakers
+        .iter()
+        .map(|b| {
+            tokio::spawn(follow_breaker(
+                transport.clone(),
+                b.clone(),
+                shared.config.worker_id.clone(),
+                beating.clone(),
+            ))
+        })
+        .collect();
+    if !trips.is_empty() {
+        // An open breaker of another worker is said again every second: hear it before taking
+        // a job, rather than run one the cluster is holding back.
+        let _ = shutdown
+            .run_until_cancelled(tokio::time::sleep(breaker::LEARN_OPEN))
+            .await;
+    }
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
     let jobs = TaskTracker::new();
     let abandon = CancellationToken::new();
@@ -301,17 +319,6 @@ pub async fn run(
         interval_ms: u64::try_from(shared.config.heartbeat.as_millis()).unwrap_or(u64::MAX),
         stopping: false,
     };
-    let trips: Vec<_> = breakers
-        .iter()
-        .map(|b| {
-            tokio::spawn(follow_breaker(
-                transport.clone(),
-                b.clone(),
-                shared.config.worker_id.clone(),
-                beating.clone(),
-            ))
-        })
-        .collect();
     let heart = tokio::spawn(heartbeat::run(
         transport.clone(),
         beat,

@@ -32,7 +32,6 @@ const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(150);
 /// The widest de-duplication window asked for: the server keeps every id of the window.
 const MAX_DUPLICATE_WINDOW: Duration = Duration::from_secs(86_400);
-use crate::broker_url::DEFAULT_MAX_BYTES;
 /// The most bytes the control stream (cancel requests) keeps.
 const CONTROL_MAX_BYTES: i64 = 64 * 1024 * 1024;
 /// The largest cancel request the control stream takes.
@@ -177,10 +176,10 @@ impl NatsTransport {
         Ok(t)
     }
 
-    /// Declares the namespace's streams. The jobs, results and dead-letter streams are bounded
-    /// in bytes and refuse what would pass the bound (discard `new`: a full stream pushes back
-    /// on its publishers and loses nothing stored): created with `max_bytes`, or
-    /// [`DEFAULT_MAX_BYTES`]; an existing stream is changed to a `max_bytes` the URL names.
+    /// Declares the namespace's streams. With `max_bytes` (the URL's), the jobs, results and
+    /// dead-letter streams are bounded in bytes: the jobs stream refuses what would pass it
+    /// (discard `new`: its publishers wait, nothing stored is lost), the others drop their
+    /// oldest; an existing stream is changed to it.
     async fn declare(&self, max_bytes: Option<u64>) -> Result<()> {
         let n = &self.names;
         let ns = n.namespace();
@@ -228,9 +227,11 @@ impl NatsTransport {
             } else {
                 stream::DiscardPolicy::Old
             };
+            // JetStream reserves a bounded stream's bytes on the server when it is created, so
+            // a bound is only set when the URL names one: a default would reserve it for every
+            // namespace, and a server of a few namespaces would refuse the next.
             let (bytes, max_message_size, discard) = if bounded {
-                let bytes = max_bytes.unwrap_or(DEFAULT_MAX_BYTES);
-                let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+                let bytes = max_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
                 (bytes, -1, wanted_discard)
             } else {
                 (
