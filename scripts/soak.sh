@@ -30,7 +30,7 @@ worker=$!
 cleanup() {
   kill "$worker" "$agg" 2>/dev/null || true
   wait "$worker" "$agg" 2>/dev/null || true
-  "$bin/conveyor-producer" --broker "$url" --namespace "$ns" delete-namespace --kinds echo \
+  "$bin/conveyor-producer" --broker "$url" --namespace "$ns" delete-namespace --kinds echo --yes \
     >/dev/null 2>&1 || true
   rm -rf "$dir"
 }
