@@ -22,25 +22,26 @@ both_brokers!(
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A handler that counts its calls in `calls` and fails (retryably) while `down` is set.
+fn flaky(calls: Arc<AtomicU32>, down: Arc<AtomicBool>) -> conveyor::worker::Handler {
+    handler_fn(move |_: Value, _: JobContext| {
+        let (calls, down) = (calls.clone(), down.clone());
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if down.load(Ordering::SeqCst) {
+                Err(JobError::retry("the dependency is down"))
+            } else {
+                Ok(json!({"ok": true}))
+            }
+        }
+    })
+}
+
 async fn breaker_opens_holds_jobs_and_closes_after_recovery(broker: Broker) {
     let down = Arc::new(AtomicBool::new(true));
     let calls = Arc::new(AtomicU32::new(0));
     let mut registry = builtin::registry();
-    let (d, c) = (down.clone(), calls.clone());
-    registry.register(
-        "flaky",
-        handler_fn(move |_: Value, _: JobContext| {
-            let (down, calls) = (d.clone(), c.clone());
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                if down.load(Ordering::SeqCst) {
-                    Err(JobError::retry("the dependency is down"))
-                } else {
-                    Ok(json!({"ok": true}))
-                }
-            }
-        }),
-    );
+    registry.register("flaky", flaky(calls.clone(), down.clone()));
     let mut breakers = HashMap::new();
     breakers.insert(
         "flaky".to_string(),
@@ -117,19 +118,6 @@ async fn a_worker_started_while_a_breaker_is_open_learns_it(broker: Broker) {
     use conveyor::worker;
     use tokio_util::sync::CancellationToken;
 
-    let failing = |calls: Arc<AtomicU32>, down: Arc<AtomicBool>| {
-        handler_fn(move |_: Value, _: JobContext| {
-            let (calls, down) = (calls.clone(), down.clone());
-            async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                if down.load(Ordering::SeqCst) {
-                    Err(JobError::retry("the dependency is down"))
-                } else {
-                    Ok(json!({"ok": true}))
-                }
-            }
-        })
-    };
     let down = Arc::new(AtomicBool::new(true));
     let (a_calls, b_calls) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
     let mut breakers = HashMap::new();
@@ -143,7 +131,7 @@ async fn a_worker_started_while_a_breaker_is_open_learns_it(broker: Broker) {
         ..test_worker_config()
     };
     let mut registry = builtin::registry();
-    registry.register("flaky", failing(a_calls.clone(), down.clone()));
+    registry.register("flaky", flaky(a_calls.clone(), down.clone()));
     let stack = Stack::start_with(broker, config.clone(), registry).await;
     let mut events = stack
         .client
@@ -176,7 +164,7 @@ async fn a_worker_started_while_a_breaker_is_open_learns_it(broker: Broker) {
     let mut registry = builtin::registry();
     registry.register(
         "flaky",
-        failing(b_calls.clone(), Arc::new(AtomicBool::new(false))),
+        flaky(b_calls.clone(), Arc::new(AtomicBool::new(false))),
     );
     let t = transport::connect(&broker.url(), &stack.ns)
         .await

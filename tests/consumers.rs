@@ -120,26 +120,20 @@ async fn nats_a_worker_widens_the_dedup_window_to_its_lease_times_attempts() {
         .expect("names")
         .stream("jobs");
     let js = jetstream::new(async_nats::connect("127.0.0.1:4222").await.expect("nats"));
-    let window = |js: jetstream::Context, name: String| async move {
+    let info = |js: jetstream::Context, name: String| async move {
         js.get_stream(&name)
             .await
             .expect("jobs stream")
             .info()
             .await
             .expect("info")
-            .config
-            .duplicate_window
+            .clone()
+    };
+    let window = |js: jetstream::Context, name: String| async move {
+        info(js, name).await.config.duplicate_window
     };
     // An older stream: 1 s.
-    let mut config = js
-        .get_stream(&name)
-        .await
-        .expect("jobs stream")
-        .info()
-        .await
-        .expect("info")
-        .config
-        .clone();
+    let mut config = info(js.clone(), name.clone()).await.config;
     config.duplicate_window = Duration::from_secs(1);
     js.update_stream(config).await.expect("narrowed");
 
@@ -173,15 +167,7 @@ async fn nats_a_worker_widens_the_dedup_window_to_its_lease_times_attempts() {
     t.publish(Route::Job("parked".into()), job())
         .await
         .expect("publish");
-    let stored = js
-        .get_stream(&name)
-        .await
-        .expect("jobs stream")
-        .info()
-        .await
-        .expect("info")
-        .state
-        .messages;
+    let stored = info(js.clone(), name.clone()).await.state.messages;
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
     delete_namespace(Broker::Nats, &ns, &[]);

@@ -468,7 +468,7 @@ async fn a_tee_copies_jobs_without_taking_or_stalling_work(broker: Broker) {
 /// the broker dropping a copy (RabbitMQ drops none; JetStream only within its window). A due
 /// chord whose callback has no result yet is published, as before.
 async fn a_restarted_aggregator_republishes_no_callback_that_already_ran(broker: Broker) {
-    use conveyor::aggregator::{self, AggregatorConfig, Store};
+    use conveyor::aggregator::Store;
     use conveyor::message::{Headers, Message};
     use conveyor::protocol::header;
     use conveyor::result::JobResult;
@@ -548,22 +548,7 @@ async fn a_restarted_aggregator_republishes_no_callback_that_already_ran(broker:
         .expect("callback result published");
 
     let stop = CancellationToken::new();
-    let at = transport::connect(&url, &ns).await.expect("connects");
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let agg = tokio::spawn(aggregator::run(
-        at,
-        AggregatorConfig {
-            store_dir: dir.path().to_path_buf(),
-            http: "127.0.0.1:0".parse().expect("addr"),
-            store_cache_bytes: aggregator::store::DEFAULT_CACHE_BYTES,
-        },
-        stop.clone(),
-        Some(tx),
-    ));
-    let http = tokio::time::timeout(Duration::from_secs(10), rx)
-        .await
-        .expect("aggregator ready in time")
-        .expect("aggregator address");
+    let (agg, http) = common::spawn_aggregator(&url, &ns, dir.path(), stop.clone()).await;
     // The due chord's callback comes (this proves the callbacks are read here)...
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -119,6 +119,35 @@ pub struct Stack {
     aggregator: JoinHandle<conveyor::Result<()>>,
 }
 
+/// An aggregator of namespace `ns` in this process, with its store in `store`, until `stop`;
+/// returns its task and HTTP address once it listens.
+pub async fn spawn_aggregator(
+    url: &BrokerUrl,
+    ns: &str,
+    store: &Path,
+    stop: CancellationToken,
+) -> (JoinHandle<conveyor::Result<()>>, SocketAddr) {
+    let at = transport::connect(url, ns)
+        .await
+        .expect("aggregator connects");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let aggregator = tokio::spawn(aggregator::run(
+        at,
+        AggregatorConfig {
+            store_dir: store.to_path_buf(),
+            http: "127.0.0.1:0".parse().expect("addr"),
+            store_cache_bytes: aggregator::store::DEFAULT_CACHE_BYTES,
+        },
+        stop,
+        Some(tx),
+    ));
+    let http = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("aggregator ready in time")
+        .expect("aggregator reports its address");
+    (aggregator, http)
+}
+
 impl Stack {
     pub async fn start(broker: Broker, config: WorkerConfig) -> Stack {
         Self::start_with(broker, config, builtin::registry()).await
@@ -147,24 +176,7 @@ impl Stack {
             CancellationToken::new(),
         ));
         let store = tempfile::tempdir().expect("tempdir");
-        let at = transport::connect(&url, &ns)
-            .await
-            .expect("aggregator connects");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let aggregator = tokio::spawn(aggregator::run(
-            at,
-            AggregatorConfig {
-                store_dir: store.path().to_path_buf(),
-                http: "127.0.0.1:0".parse().expect("addr"),
-                store_cache_bytes: aggregator::store::DEFAULT_CACHE_BYTES,
-            },
-            stop.clone(),
-            Some(tx),
-        ));
-        let http = tokio::time::timeout(Duration::from_secs(10), rx)
-            .await
-            .expect("aggregator ready in time")
-            .expect("aggregator reports its address");
+        let (aggregator, http) = spawn_aggregator(&url, &ns, store.path(), stop.clone()).await;
         let client = Client::connect(&url, &ns).await.expect("client connects");
         // A worker beats once its queues are declared: until then, on RabbitMQ, a job of its
         // kinds would go to the unrouted queue, which only a catch-all worker reads.

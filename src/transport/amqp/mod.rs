@@ -899,6 +899,49 @@ impl Inner {
 }
 
 impl Inner {
+    /// The deliveries of `feed`, re-subscribed after a lost connection.
+    async fn feed(self: Arc<Self>, feed: Feed, opts: ConsumeOptions) -> Result<DeliveryStream> {
+        let first = bounded("consume", self.open_feed(&feed, opts)).await?;
+        Ok(Resubscribing {
+            inner: self,
+            source: feed,
+            opts,
+            cumulative: false,
+            current: Some(first),
+        }
+        .stream())
+    }
+
+    /// Publishes `count` empty messages straight to `queue` (permits, tokens) on a confirm
+    /// channel; returns their confirms.
+    async fn put_empty(
+        &self,
+        queue: &str,
+        count: u32,
+        op: &'static str,
+    ) -> Result<Vec<lapin::PublisherConfirm>> {
+        let ch = self
+            .channels
+            .get()
+            .await
+            .map_err(|e| pool_error("channel pool", e))?;
+        let mut confirms = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    b"",
+                    BasicProperties::default(),
+                )
+                .await
+                .map_err(|e| amqp_error(op, e))?;
+            confirms.push(confirm);
+        }
+        Ok(confirms)
+    }
+
     /// Declares a kind's token queue: classic and durable (tokens lost with the broker are
     /// made again by the pacer), with no bound of its own (the pacer counts what waits).
     /// Returns the tokens ready in it.
@@ -1217,23 +1260,7 @@ impl Transport for AmqpTransport {
             // worker that created them released the lock only after the broker confirmed them,
             // so a later check sees them ready, or held by a consumer.
             if q.message_count() == 0 && q.consumer_count() == 0 {
-                let ch = self
-                    .inner
-                    .channels
-                    .get()
-                    .await
-                    .map_err(|e| pool_error("channel pool", e))?;
-                for _ in 0..count {
-                    let confirm = ch
-                        .basic_publish(
-                            "".into(),
-                            queue.as_str().into(),
-                            BasicPublishOptions::default(),
-                            b"",
-                            BasicProperties::default(),
-                        )
-                        .await
-                        .map_err(|e| amqp_error("create permit", e))?;
+                for confirm in self.inner.put_empty(&queue, count, "create permit").await? {
                     let _ = confirm.await;
                 }
             }
@@ -1251,15 +1278,7 @@ impl Transport for AmqpTransport {
             kind: kind.to_string(),
             queue: queue.clone(),
         };
-        let first = bounded("consume permits", self.inner.open_feed(&feed, opts)).await?;
-        Ok(Resubscribing {
-            inner: self.inner.clone(),
-            source: feed,
-            opts,
-            cumulative: false,
-            current: Some(first),
-        }
-        .stream())
+        self.inner.clone().feed(feed, opts).await
     }
 
     async fn tokens(&self, kind: &str, opts: ConsumeOptions) -> Result<DeliveryStream> {
@@ -1272,15 +1291,7 @@ impl Transport for AmqpTransport {
             prefetch: 1,
             ..opts
         };
-        let first = bounded("consume tokens", self.inner.open_feed(&feed, opts)).await?;
-        Ok(Resubscribing {
-            inner: self.inner.clone(),
-            source: feed,
-            opts,
-            cumulative: false,
-            current: Some(first),
-        }
-        .stream())
+        self.inner.clone().feed(feed, opts).await
     }
 
     async fn add_tokens(&self, kind: &str, n: u32, burst: u32) -> Result<u32> {
@@ -1292,28 +1303,7 @@ impl Transport for AmqpTransport {
         if put == 0 {
             return Ok(0);
         }
-        let ch = self
-            .inner
-            .channels
-            .get()
-            .await
-            .map_err(|e| pool_error("channel pool", e))?;
-        let mut confirms = Vec::with_capacity(put as usize);
-        for _ in 0..put {
-            let confirm = ch
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    b"",
-                    BasicProperties::default(),
-                )
-                .await
-                .map_err(|e| amqp_error("add token", e))?;
-            confirms.push(confirm);
-        }
-        drop(ch);
-        for confirm in confirms {
+        for confirm in self.inner.put_empty(&queue, put, "add token").await? {
             let c = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
                 .await
                 .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "token confirm"))?

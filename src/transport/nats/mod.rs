@@ -290,6 +290,35 @@ impl NatsTransport {
         Ok(())
     }
 
+    /// A reader of `kind`'s messages on `filter` in stream `class` (permits, tokens), through the
+    /// kind's durable consumer there. Pulled only when a job waits for one: a permit or token
+    /// never waits in a worker that does not need it while another does. Pull requests are
+    /// short, so that after a reconnect they come back within seconds.
+    async fn one_at_a_time(
+        &self,
+        class: &str,
+        kind: &str,
+        filter: String,
+        opts: ConsumeOptions,
+    ) -> Result<DeliveryStream> {
+        let n = &self.names;
+        let opts = ConsumeOptions {
+            ephemeral: false,
+            one_at_a_time: true,
+            ..opts
+        };
+        let consumer = self
+            .consumer(
+                &n.stream(class),
+                &format!("{class}={}", kind.replace('.', "=")),
+                filter,
+                opts,
+            )
+            .await?;
+        let (stream, _closed) = held::job_stream(consumer, opts, n.namespace().len() + 1);
+        Ok(stream)
+    }
+
     /// The stream of every kind's rate tokens: in memory (a token lost with the server is made
     /// again by the pacer), a work queue (a token acked is gone), kept at most an hour.
     async fn tokens_stream(&self) -> Result<stream::Stream> {
@@ -853,46 +882,15 @@ impl Transport for NatsTransport {
                 Err(e) => return Err(Error::broker("create permit", e)),
             }
         }
-        // Pulled only when a job waits for one: a permit never waits in a worker that does not
-        // need it, while another worker does.
-        let opts = ConsumeOptions {
-            ephemeral: false,
-            one_at_a_time: true,
-            ..opts
-        };
-        let consumer = self
-            .consumer(
-                &n.stream("permits"),
-                &format!("permits={}", kind.replace('.', "=")),
-                format!("{ns}.permits.{kind}.*"),
-                opts,
-            )
-            .await?;
-        // Pull requests are short, so that after a reconnect the permits come back within
-        // seconds.
-        let (stream, _closed) = held::job_stream(consumer, opts, ns.len() + 1);
-        Ok(stream)
+        self.one_at_a_time("permits", kind, format!("{ns}.permits.{kind}.*"), opts)
+            .await
     }
 
     async fn tokens(&self, kind: &str, opts: ConsumeOptions) -> Result<DeliveryStream> {
         crate::protocol::validate_kind(kind)?;
         self.tokens_stream().await?;
-        let n = &self.names;
-        let opts = ConsumeOptions {
-            ephemeral: false,
-            one_at_a_time: true,
-            ..opts
-        };
-        let consumer = self
-            .consumer(
-                &n.stream("tokens"),
-                &format!("tokens={}", kind.replace('.', "=")),
-                n.token_subject(kind),
-                opts,
-            )
-            .await?;
-        let (stream, _closed) = held::job_stream(consumer, opts, n.namespace().len() + 1);
-        Ok(stream)
+        let subject = self.names.token_subject(kind);
+        self.one_at_a_time("tokens", kind, subject, opts).await
     }
 
     async fn add_tokens(&self, kind: &str, n: u32, burst: u32) -> Result<u32> {
