@@ -401,8 +401,8 @@ async fn a_full_job_store_refuses_new_jobs_and_loses_none(broker: Broker) {
 /// `--rate hash=20/s` on three worker processes started together, 440 jobs queued before any of
 /// them, default heartbeats: the jobs started in every 5-second window after the first second
 /// stay within 10 % of 100 (plus the burst of 1), also across the pacer killed with -9, a worker
-/// that joins, and every worker killed and replaced. A window that follows a kill may fall short
-/// (no token comes until another worker takes the pacing over), never over.
+/// that joins, and every worker killed and replaced. On RabbitMQ a window that follows a kill may
+/// fall short (no token comes until another worker takes the pacing over), never over.
 async fn a_global_rate_holds_from_a_cold_start_through_a_kill_and_a_join(broker: Broker) {
     use conveyor::events::JobEvent;
     use conveyor::transport::{ConsumeOptions, Source};
@@ -489,10 +489,11 @@ async fn a_global_rate_holds_from_a_cold_start_through_a_kill_and_a_join(broker:
             from as f64 / 1e3,
             (from + 5_000) as f64 / 1e3
         ));
-        // The pacer handover after the kill and after the restart (JetStream: the dead pacer's
-        // claim expires within 6 s).
+        // While the new workers start after the restart nothing runs, on either broker; after
+        // the pacer's kill, RabbitMQ hands the pacing over (on NATS every worker puts the tokens
+        // in: nothing to hand over).
         let restarted = restarted_at.unwrap_or(u64::MAX);
-        let after_kill = (from + 5_000 > killed && from < killed + 9_000)
+        let after_kill = (broker == Broker::Amqp && from + 5_000 > killed && from < killed + 9_000)
             || (from + 5_000 > restarted && from < restarted.saturating_add(9_000));
         if n > 111 || (n < 90 && !after_kill) {
             failures.push(format!("{n} in {from}..{} ms", from + 5_000));

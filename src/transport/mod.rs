@@ -252,14 +252,26 @@ pub trait Transport: Send + Sync + 'static {
     async fn permits(&self, kind: &str, count: u32, opts: ConsumeOptions)
         -> Result<DeliveryStream>;
 
-    /// A reader of `kind`'s rate tokens, which [`Transport::add_tokens`] puts in: each delivery
+    /// A reader of `kind`'s rate tokens, which [`Transport::put_tokens`] puts in: each delivery
     /// is one token, to be acked when taken. Pulled one at a time, so a token waits in a worker
     /// only while a job of it waits for one.
     async fn tokens(&self, kind: &str, opts: ConsumeOptions) -> Result<DeliveryStream>;
 
-    /// Puts up to `n` tokens in `kind`'s bucket without letting more than `burst` wait in it;
-    /// returns how many it put. Meant for one caller at a time (the kind's elected pacer).
-    async fn add_tokens(&self, kind: &str, n: u32, burst: u32) -> Result<u32>;
+    /// How many of `kind`'s tokens wait in its bucket (on JetStream, taken-but-unacked ones
+    /// included; RabbitMQ counts only those not yet delivered).
+    async fn waiting_tokens(&self, kind: &str) -> Result<u64>;
+
+    /// Puts one token per tick of `ticks` (the rate's time slots since the epoch) in `kind`'s
+    /// bucket; returns how many it stored. Where [`Transport::tokens_need_a_pacer`] is false,
+    /// every worker of the kind may put the same ticks and each tick's token is stored once;
+    /// otherwise only the kind's elected pacer calls it.
+    async fn put_tokens(&self, kind: &str, ticks: &[u64]) -> Result<u32>;
+
+    /// True when [`Transport::put_tokens`] must have one caller at a time (a pacer elected with
+    /// a claim); false when the broker keeps one token per tick itself.
+    fn tokens_need_a_pacer(&self) -> bool {
+        true
+    }
 
     /// Claims singleflight key `key` (letters and digits) for this process: `None` when another
     /// process holds it. A claim of a process that dies is freed by the broker (RabbitMQ when its

@@ -66,7 +66,10 @@ impl Transport for Offline {
     async fn tokens(&self, _: &str, _: ConsumeOptions) -> Result<DeliveryStream> {
         offline("tokens")
     }
-    async fn add_tokens(&self, _: &str, _: u32, _: u32) -> Result<u32> {
+    async fn waiting_tokens(&self, _: &str) -> Result<u64> {
+        offline("count tokens")
+    }
+    async fn put_tokens(&self, _: &str, _: &[u64]) -> Result<u32> {
         offline("add tokens")
     }
     async fn claim_flight(&self, _: &str) -> Result<Option<Box<dyn FlightClaim>>> {

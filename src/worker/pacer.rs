@@ -1,13 +1,18 @@
-//! A kind's global rate (`--rate KIND=N/s@B`), kept on the broker. One worker of the namespace,
-//! elected by a broker claim ([`Transport::claim_flight`]), is the kind's pacer: it puts tokens
-//! in the kind's bucket at the rate, never more than the burst `B` waiting
-//! ([`Transport::add_tokens`]). Every worker takes one token per job ([`Tokens::take`]).
+//! A kind's global rate (`--rate KIND=N/s@B`), kept on the broker. Time is cut in ticks of the
+//! rate (tick `i` of `20/s` is the 50 ms from `i × 50` ms after the epoch), each worth one token
+//! in the kind's bucket, never more than the burst `B` waiting ([`Transport::put_tokens`]).
+//! Every worker takes one token per job ([`Tokens::take`]).
+//!
+//! On JetStream every worker of the kind puts in each tick's token, under an id of its tick, and
+//! the stream keeps one per id: no worker is special, and one that dies costs nothing. On
+//! RabbitMQ, which keeps every copy, one worker, elected by a broker claim (an exclusive queue,
+//! [`Transport::claim_flight`]), is the kind's pacer; when it dies its connection closes, the
+//! claim with it, and another worker takes over within a third of a second.
 //!
 //! The limit so holds from the first second and does not depend on workers knowing how many they
-//! are: tokens come only as fast as the rate, whoever takes them. A pacer that dies loses its
-//! claim (RabbitMQ when its connection closes, JetStream within [`crate::transport::FLIGHT_TTL`])
-//! and another worker of the kind takes over; until then no token comes, so the rate dips and
-//! never overshoots. Workers that disagree on the rate get the elected pacer's.
+//! are: tokens come only as fast as the ticks, whoever takes them. Workers that disagree on the
+//! rate get the elected pacer's (RabbitMQ) or the sum of their ticks' distinct ids (JetStream):
+//! give every worker of a kind the same rate.
 
 use super::limits::Rate;
 use crate::error::Result;
@@ -19,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// How often a worker that is not the pacer tries to become it.
-const CONTEND_EVERY: Duration = Duration::from_secs(1);
+const CONTEND_EVERY: Duration = Duration::from_millis(300);
 /// How often the pacer renews its claim.
 const RENEW_EVERY: Duration = Duration::from_secs(2);
 
@@ -39,7 +44,21 @@ impl Tokens {
     ) -> Result<Tokens> {
         let stream = transport.tokens(kind, opts).await?;
         let stop = CancellationToken::new();
-        tokio::spawn(contend(transport, kind.to_string(), rate, stop.clone()));
+        if transport.tokens_need_a_pacer() {
+            tokio::spawn(contend(transport, kind.to_string(), rate, stop.clone()));
+        } else {
+            let (kind, stop) = (kind.to_string(), stop.clone());
+            tracing::info!(%kind, ?rate, "pacing the kind's global rate (each tick's token once, with every other worker)");
+            tokio::spawn(async move {
+                while let Err(e) = pace(transport.as_ref(), &kind, rate, None, &stop).await {
+                    tracing::warn!(%kind, error = %e, "cannot put rate tokens yet; trying again");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(CONTEND_EVERY) => {}
+                    }
+                }
+            });
+        }
         Ok(Tokens {
             stream: tokio::sync::Mutex::new(stream),
             _pacer: stop.drop_guard(),
@@ -92,7 +111,7 @@ async fn contend(transport: Arc<dyn Transport>, kind: String, rate: Rate, stop: 
         match claimed {
             Ok(Some(claim)) => {
                 tracing::info!(%kind, ?rate, "pacing the kind's global rate");
-                let why = pace(transport.as_ref(), &kind, rate, claim.as_ref(), &stop).await;
+                let why = pace(transport.as_ref(), &kind, rate, Some(claim.as_ref()), &stop).await;
                 let _ = claim.release().await;
                 match why {
                     Ok(()) => return,
@@ -109,49 +128,109 @@ async fn contend(transport: Arc<dyn Transport>, kind: String, rate: Rate, stop: 
     }
 }
 
-/// Puts tokens in `kind`'s bucket at `rate` while `claim` holds; `Ok` on `stop`, `Err` when the
-/// claim or the broker fails (the caller contends again).
+/// How many ticks' tokens a pacer that fell behind may put at once into an empty bucket: half
+/// a second's worth (at least one).
+fn catch_up(rate: Rate) -> usize {
+    let per_ms = rate.per.as_millis().max(1);
+    usize::try_from(u128::from(rate.count) * 500 / per_ms)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
+/// How many of the `late` ticks due since the last round get their token, with `waiting` in a
+/// bucket of `burst`. A tick that finds the bucket full is lost (a bucket holds at most its
+/// burst). A pacer that fell behind (a busy machine) while the bucket was empty, so workers were
+/// waiting for the tokens, puts in what it missed, up to `catch_up` ticks: they would have been
+/// taken one by one.
+fn put_now(waiting: u64, burst: u32, late: usize, catch_up: usize) -> usize {
+    let room = usize::try_from(u64::from(burst).saturating_sub(waiting)).unwrap_or(usize::MAX);
+    if waiting == 0 {
+        late.min(room.max(catch_up))
+    } else {
+        late.min(room)
+    }
+}
+
+/// The rate's tick at `ms` milliseconds since the epoch.
+fn tick(rate: Rate, ms: u64) -> u64 {
+    let per_ms = rate.per.as_millis().max(1);
+    let t = u128::from(ms) * u128::from(rate.count) / per_ms;
+    u64::try_from(t).unwrap_or(u64::MAX)
+}
+
+/// Puts each new tick's token in `kind`'s bucket while `claim` (if any) holds; `Ok` on `stop`,
+/// `Err` when the claim or the broker fails (the caller tries again).
 async fn pace(
     transport: &dyn Transport,
     kind: &str,
     rate: Rate,
-    claim: &dyn FlightClaim,
+    claim: Option<&dyn FlightClaim>,
     stop: &CancellationToken,
 ) -> Result<()> {
     let period = rate.per / rate.count.max(1);
-    let tick = period.clamp(Duration::from_millis(20), Duration::from_millis(500));
-    let mut ticks = tokio::time::interval(tick);
+    let every = period.clamp(Duration::from_millis(20), Duration::from_millis(500));
+    let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut renewed = Instant::now();
-    let mut last = Instant::now();
-    let mut owed = 0f64;
+    // No tokens for the time before this worker paced: a bucket starts empty.
+    let mut done = tick(rate, crate::job::now_ms());
+    let catch_up = catch_up(rate);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = ticks.tick() => {}
         }
-        if renewed.elapsed() >= RENEW_EVERY {
-            claim.refresh().await?;
-            renewed = Instant::now();
+        if let Some(claim) = claim {
+            if renewed.elapsed() >= RENEW_EVERY {
+                claim.refresh().await?;
+                renewed = Instant::now();
+            }
         }
-        let now = Instant::now();
-        owed += now.duration_since(last).as_secs_f64() / period.as_secs_f64();
-        last = now;
-        let due = owed.floor();
-        if due < 1.0 {
+        let now = tick(rate, crate::job::now_ms());
+        if now <= done {
             continue;
         }
-        let want = due.min(f64::from(u32::MAX)) as u32;
-        let put = transport.add_tokens(kind, want, rate.burst.max(1)).await?;
-        // Tokens that found the bucket full are not kept: a bucket holds at most its burst.
-        let _ = put;
-        owed -= due;
+        let waiting = transport.waiting_tokens(kind).await?;
+        let late = usize::try_from(now - done).unwrap_or(usize::MAX);
+        let room = put_now(waiting, rate.burst.max(1), late, catch_up);
+        let newest: Vec<u64> = (done + 1..now + 1).rev().take(room).collect();
+        transport.put_tokens(kind, &newest).await?;
+        done = now;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_holds_its_burst_and_a_late_pacer_catches_up_only_into_an_empty_one() {
+        // On time: one tick, room for it.
+        assert_eq!(put_now(0, 1, 1, 10), 1);
+        // Full: the tick is lost.
+        assert_eq!(put_now(1, 1, 1, 10), 0);
+        assert_eq!(put_now(3, 5, 4, 10), 2);
+        // Behind by 7 ticks while workers waited: all 7, but never more than the catch-up.
+        assert_eq!(put_now(0, 1, 7, 10), 7);
+        assert_eq!(put_now(0, 1, 40, 10), 10);
+        // A burst larger than the catch-up still fills.
+        assert_eq!(put_now(0, 50, 40, 10), 40);
+        assert_eq!(catch_up(Rate::parse("20/s").expect("rate")), 10);
+        assert_eq!(catch_up(Rate::parse("1/m").expect("rate")), 1);
+    }
+
+    #[test]
+    fn ticks_follow_the_rate() {
+        let rate = Rate::parse("20/s").expect("rate");
+        assert_eq!(tick(rate, 0), 0);
+        assert_eq!(tick(rate, 49), 0);
+        assert_eq!(tick(rate, 50), 1);
+        assert_eq!(tick(rate, 1_000), 20);
+        let slow = Rate::parse("6/m").expect("rate");
+        assert_eq!(tick(slow, 9_999), 0);
+        assert_eq!(tick(slow, 10_000), 1);
+        assert_eq!(tick(slow, u64::MAX), u64::MAX / 10_000);
+    }
 
     #[test]
     fn a_pacer_key_is_letters_and_digits_and_differs_by_kind() {

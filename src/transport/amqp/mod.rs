@@ -946,12 +946,17 @@ impl Inner {
     /// made again by the pacer), with no bound of its own (the pacer counts what waits).
     /// Returns the tokens ready in it.
     async fn token_queue(&self, queue: &str) -> Result<u32> {
-        let ch = self.channel().await?;
+        // On a pooled channel: the pacer counts every tick. (A declare that fails closes the
+        // channel, and the pool drops it.)
+        let ch = self
+            .channels
+            .get()
+            .await
+            .map_err(|e| pool_error("channel pool", e))?;
         let q = ch
             .queue_declare(queue.into(), durable(), FieldTable::default())
             .await
             .map_err(|e| amqp_error("declare tokens", e))?;
-        let _ = ch.close(200, "declared".into()).await;
         Ok(q.message_count())
     }
 }
@@ -1294,16 +1299,18 @@ impl Transport for AmqpTransport {
         self.inner.clone().feed(feed, opts).await
     }
 
-    async fn add_tokens(&self, kind: &str, n: u32, burst: u32) -> Result<u32> {
+    async fn waiting_tokens(&self, kind: &str) -> Result<u64> {
         let queue = self.inner.names.token_subject(kind);
         // Ready tokens; the few taken by waiting workers and not yet acked (one per worker at
         // most) are not counted.
         let ready = bounded("count tokens", self.inner.token_queue(&queue)).await?;
-        let put = burst.saturating_sub(ready).min(n);
-        if put == 0 {
-            return Ok(0);
-        }
-        for confirm in self.inner.put_empty(&queue, put, "add token").await? {
+        Ok(u64::from(ready))
+    }
+
+    async fn put_tokens(&self, kind: &str, ticks: &[u64]) -> Result<u32> {
+        let queue = self.inner.names.token_subject(kind);
+        let n = u32::try_from(ticks.len()).unwrap_or(u32::MAX);
+        for confirm in self.inner.put_empty(&queue, n, "add token").await? {
             let c = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
                 .await
                 .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "token confirm"))?
@@ -1315,7 +1322,7 @@ impl Transport for AmqpTransport {
                 });
             }
         }
-        Ok(put)
+        Ok(n)
     }
 
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {

@@ -893,14 +893,12 @@ impl Transport for NatsTransport {
         self.one_at_a_time("tokens", kind, subject, opts).await
     }
 
-    async fn add_tokens(&self, kind: &str, n: u32, burst: u32) -> Result<u32> {
+    async fn waiting_tokens(&self, kind: &str) -> Result<u64> {
         use futures::TryStreamExt;
         let stream = self.tokens_stream().await?;
-        let subject = self.names.token_subject(kind);
-        // Tokens waiting, taken-but-unacked ones included (a work queue drops a token when it
-        // is acked).
-        let waiting: u64 = stream
-            .info_with_subjects(&subject)
+        // A work queue drops a token when it is acked: what it holds is what waits or is held.
+        stream
+            .info_with_subjects(self.names.token_subject(kind))
             .await
             .map_err(|e| Error::broker("token count", e))?
             .try_fold(
@@ -908,22 +906,36 @@ impl Transport for NatsTransport {
                 |sum, (_, count)| async move { Ok(sum + count as u64) },
             )
             .await
-            .map_err(|e| Error::broker("token count", e))?;
-        let room = u64::from(burst).saturating_sub(waiting);
-        let put = u32::try_from(room.min(u64::from(n))).unwrap_or(n);
-        let mut acks = Vec::with_capacity(put as usize);
-        for _ in 0..put {
+            .map_err(|e| Error::broker("token count", e))
+    }
+
+    async fn put_tokens(&self, kind: &str, ticks: &[u64]) -> Result<u32> {
+        let subject = self.names.token_subject(kind);
+        let mut acks = Vec::with_capacity(ticks.len());
+        for tick in ticks {
+            // One token per tick whoever publishes it: JetStream keeps the first of an id.
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(bytes::Bytes::new())
+                .message_id(format!("{kind}:{tick}"));
             let ack = self
                 .js
-                .publish(subject.clone(), bytes::Bytes::new())
+                .send_publish(subject.clone(), publish)
                 .await
                 .map_err(|e| Error::broker("add token", e))?;
             acks.push(ack);
         }
+        let mut put = 0;
         for ack in acks {
-            ack.await.map_err(|e| Error::broker("add token", e))?;
+            let ack = ack.await.map_err(|e| Error::broker("add token", e))?;
+            if !ack.duplicate {
+                put += 1;
+            }
         }
         Ok(put)
+    }
+
+    fn tokens_need_a_pacer(&self) -> bool {
+        false
     }
 
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {
