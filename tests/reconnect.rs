@@ -234,7 +234,8 @@ async fn rabbitmq_cluster_cap_holds_across_a_broker_restart() {
 
 /// `--cluster-max-concurrent sleep=2` over two workers that could run 8 at once: after a
 /// `kill -9` and restart of the broker, the cap neither stalls the kind nor lets every job
-/// through. Eight 2 s jobs take about 8 s under the cap, about 2 s without it.
+/// through. Eight 2 s jobs take about 8 s under the cap, about 2 s without it. The same workers'
+/// `--rate hash=10/s` holds too: 30 jobs take about 3 s, neither stalled nor at once.
 async fn cluster_cap_holds_across_a_restart(
     broker: &mut dyn OwnBroker,
     dir: &Path,
@@ -269,11 +270,13 @@ async fn cluster_cap_holds_across_a_restart(
         "--lease",
         "2s",
         "--kinds",
-        "sleep",
+        "sleep,hash",
         "--concurrency",
         "4",
         "--cluster-max-concurrent",
         "sleep=2",
+        "--rate",
+        "hash=10/s",
     ];
     let _workers: Vec<Proc> = (0..2)
         .map(|i| Proc::spawn(&format!("worker-{i}"), "conveyor-worker", &worker_args, dir))
@@ -336,5 +339,27 @@ async fn cluster_cap_holds_across_a_restart(
     assert!(
         took >= Duration::from_secs(5),
         "eight 2 s jobs done in {took:?}: more than 2 ran at once after the restart"
+    );
+    // The global rate's tokens came through the restart too: 30 jobs at 10/s neither stall nor
+    // run at once.
+    let started = std::time::Instant::now();
+    let hashes = (0..30)
+        .map(|i| JobSpec::new("hash", json!({"data": format!("{i}"), "rounds": 1})))
+        .collect::<Vec<_>>();
+    let third = client.publish_many(hashes, 8, |_| {}).await;
+    assert!(third.iter().all(Result::is_ok), "{third:?}");
+    let done = results_within(http, 46, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|last| last);
+    let took = started.elapsed();
+    println!("{url}: 30 jobs at --rate hash=10/s after the restart took {took:?}; {done}");
+    assert!(
+        done["results"].as_u64().unwrap_or(0) >= 46,
+        "the rate-limited kind stalled after the restart: {done}\n{}",
+        std::fs::read_to_string(dir.join("worker-0.log")).unwrap_or_default()
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "30 jobs at 10/s done in {took:?}: the rate did not hold after the restart"
     );
 }

@@ -24,7 +24,7 @@ use tower::{Layer, Service, ServiceExt};
 /// The controls in the order a job passes them, outermost first.
 ///
 /// - `breaker`: waits while the kind's circuit is open; counts the job's outcome.
-/// - `rate`: a token of this worker's rate and of its share of the cluster's rate.
+/// - `rate`: a token of this worker's rate and one of the cluster's (a bucket on the broker).
 /// - `concurrency`: a slot of the kind in this worker, then a permit of the cluster-wide cap.
 /// - `cancel`: a job named by a cancel request ends `cancelled` before it runs, or is stopped.
 /// - `singleflight`: jobs with one dedup key in flight together run once across the cluster.

@@ -6,8 +6,8 @@
 //! - `--max-concurrent KIND=N`: at most N jobs of the kind at once in this worker (a semaphore);
 //! - `--worker-rate KIND=N/s`: at most N jobs a second started by this worker (governor);
 //! - `--rate KIND=N/s`: at most N a second across every worker of the namespace that serves the
-//!   kind: a token of the kind's bucket on the broker per job, which one elected worker fills at
-//!   the rate (see [`super::pacer`]).
+//!   kind: a token of the kind's bucket on the broker per job, filled one token per tick of the
+//!   rate (see [`super::pacer`]).
 //!
 //! Rates are `N/s`, `N/m` or `N/h`, optionally with a burst: `50/s@10` (default burst 1: evenly
 //! spaced).

@@ -7,7 +7,8 @@
 //! the stream keeps one per id: no worker is special, and one that dies costs nothing. On
 //! RabbitMQ, which keeps every copy, one worker, elected by a broker claim (an exclusive queue,
 //! [`Transport::claim_flight`]), is the kind's pacer; when it dies its connection closes, the
-//! claim with it, and another worker takes over within a third of a second.
+//! claim with it, and another worker takes over within a second (once the broker notices: at
+//! once for a process that died, after the connection's heartbeat for a lost host).
 //!
 //! The limit so holds from the first second and does not depend on workers knowing how many they
 //! are: tokens come only as fast as the ticks, whoever takes them. Workers that disagree on the
@@ -20,13 +21,11 @@ use crate::transport::{ConsumeOptions, DeliveryStream, FlightClaim, Transport};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-/// How often a worker that is not the pacer tries to become it.
-const CONTEND_EVERY: Duration = Duration::from_millis(300);
-/// How often the pacer renews its claim.
-const RENEW_EVERY: Duration = Duration::from_secs(2);
+/// How often a worker that is not the pacer tries to become it. (On RabbitMQ each try that finds
+/// the claim held costs a channel the broker closes, and a line in its log.)
+const CONTEND_EVERY: Duration = Duration::from_secs(1);
 
 /// A worker's access to a kind's tokens; its pacer task stops when this is dropped.
 pub struct Tokens {
@@ -84,11 +83,11 @@ impl Tokens {
                 }
                 None => {
                     // Never ends by itself (the consumers re-subscribe); run unpaced rather
-                    // than stop if it does.
+                    // than stall the kind if it does.
                     tracing::error!(
                         "the rate token consumer ended; the global rate no longer holds here"
                     );
-                    std::future::pending::<()>().await;
+                    return;
                 }
             }
         }
@@ -119,7 +118,7 @@ async fn contend(transport: Arc<dyn Transport>, kind: String, rate: Rate, stop: 
                 }
             }
             Ok(None) => {}
-            Err(e) => tracing::debug!(%kind, error = %e, "cannot contend for pacing yet"),
+            Err(e) => tracing::warn!(%kind, error = %e, "cannot contend for pacing yet"),
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -171,20 +170,20 @@ async fn pace(
     let every = period.clamp(Duration::from_millis(20), Duration::from_millis(500));
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut renewed = Instant::now();
     // No tokens for the time before this worker paced: a bucket starts empty.
     let mut done = tick(rate, crate::job::now_ms());
     let catch_up = catch_up(rate);
+    let per_round = u32::try_from(every.as_nanos().div_ceil(period.as_nanos().max(1)))
+        .unwrap_or(u32::MAX)
+        .max(1);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = ticks.tick() => {}
         }
         if let Some(claim) = claim {
-            if renewed.elapsed() >= RENEW_EVERY {
-                claim.refresh().await?;
-                renewed = Instant::now();
-            }
+            // Every round: a pacer that lost its claim must stop before another's first round.
+            claim.refresh().await?;
         }
         let now = tick(rate, crate::job::now_ms());
         if now <= done {
@@ -192,7 +191,9 @@ async fn pace(
         }
         let waiting = transport.waiting_tokens(kind).await?;
         let late = usize::try_from(now - done).unwrap_or(usize::MAX);
-        let room = put_now(waiting, rate.burst.max(1), late, catch_up);
+        // A round covers `per_round` ticks: a bucket smaller than that would drop the ticks of a
+        // round whose previous token was not taken yet, and run under the rate.
+        let room = put_now(waiting, rate.burst.max(per_round), late, catch_up);
         let newest: Vec<u64> = (done + 1..now + 1).rev().take(room).collect();
         transport.put_tokens(kind, &newest).await?;
         done = now;

@@ -53,6 +53,8 @@ pub struct NatsTransport {
     reply_prefix: String,
     /// The largest message the server takes (its `max_payload`), read when connecting.
     max_payload: usize,
+    /// The rate tokens' stream, once declared (pacers count tokens every round).
+    tokens: Arc<tokio::sync::OnceCell<stream::Stream>>,
 }
 
 /// NATS headers from ours, leaving out `skip` (a job's id travels as `Nats-Msg-Id` instead).
@@ -171,6 +173,7 @@ impl NatsTransport {
             connects,
             reply_prefix: format!("{}.", url.inbox_prefix()),
             max_payload,
+            tokens: Arc::default(),
         };
         t.declare(url.max_bytes()).await?;
         Ok(t)
@@ -319,21 +322,29 @@ impl NatsTransport {
         Ok(stream)
     }
 
-    /// The stream of every kind's rate tokens: in memory (a token lost with the server is made
-    /// again by the pacer), a work queue (a token acked is gone), kept at most an hour.
+    /// The stream of every kind's rate tokens: a work queue (a token acked is gone), on disk so
+    /// that it and its consumers outlive a server restart, kept at most an hour. It remembers a
+    /// token's id (`<kind>:<tick>`) for 10 minutes: workers' clocks must agree far better.
     async fn tokens_stream(&self) -> Result<stream::Stream> {
         let n = &self.names;
-        self.js
-            .get_or_create_stream(stream::Config {
-                name: n.stream("tokens"),
-                subjects: vec![format!("{}.tokens.>", n.namespace())],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::Memory,
-                max_age: Duration::from_secs(3600),
-                ..Default::default()
+        let stream = self
+            .tokens
+            .get_or_try_init(|| async {
+                self.js
+                    .get_or_create_stream(stream::Config {
+                        name: n.stream("tokens"),
+                        subjects: vec![format!("{}.tokens.>", n.namespace())],
+                        retention: stream::RetentionPolicy::WorkQueue,
+                        storage: stream::StorageType::File,
+                        max_age: Duration::from_secs(3600),
+                        duplicate_window: Duration::from_secs(600),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| Error::broker("declare stream", e))
             })
-            .await
-            .map_err(|e| Error::broker("declare stream", e))
+            .await?;
+        Ok(stream.clone())
     }
 
     /// Where the jobs stream republishes each stored job: `<ns>.jobs.<kind>` → `<ns>.tee.<kind>`.
