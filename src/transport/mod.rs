@@ -267,6 +267,25 @@ pub trait Transport: Send + Sync + 'static {
     /// otherwise only the kind's elected pacer calls it.
     async fn put_tokens(&self, kind: &str, ticks: &[u64]) -> Result<u32>;
 
+    /// Waits until this process is `kind`'s rate pacer, and returns its claim (refresh fails
+    /// once it is lost). Only where [`Transport::tokens_need_a_pacer`] is true; the default
+    /// contends with [`Transport::claim_flight`] every second.
+    async fn pace_kind(&self, kind: &str) -> Result<Box<dyn FlightClaim>> {
+        use sha2::{Digest, Sha256};
+        let key = format!(
+            "pacer{}",
+            hex::encode(&Sha256::digest(kind.as_bytes())[..16])
+        );
+        loop {
+            match self.claim_flight(&key).await {
+                Ok(Some(claim)) => return Ok(claim),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%kind, error = %e, "cannot contend for pacing yet"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     /// True when [`Transport::put_tokens`] must have one caller at a time (a pacer elected with
     /// a claim); false when the broker keeps one token per tick itself.
     fn tokens_need_a_pacer(&self) -> bool {

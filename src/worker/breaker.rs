@@ -457,7 +457,11 @@ pub const LEARN_OPEN: Duration = Duration::from_millis(1500);
 /// An [`OnChange`] that publishes each change of `worker`'s breakers, in the background: as a
 /// lifecycle event, and on the worker-only broadcast [`topic`] (an open one every second until
 /// it ends, for workers that start meanwhile).
-pub fn announce(transport: Arc<dyn crate::transport::Transport>, worker: String) -> OnChange {
+pub fn announce(
+    transport: Arc<dyn crate::transport::Transport>,
+    worker: String,
+    stopped: tokio_util::sync::CancellationToken,
+) -> OnChange {
     Arc::new(move |b: &Breaker, state: &'static str| {
         let event = BreakerEvent {
             kind: b.kind().to_string(),
@@ -468,7 +472,7 @@ pub fn announce(transport: Arc<dyn crate::transport::Transport>, worker: String)
             }),
             at_ms: crate::job::now_ms(),
         };
-        let transport = transport.clone();
+        let (transport, stopped) = (transport.clone(), stopped.clone());
         tokio::spawn(async move {
             let msg = event.to_message();
             if let Err(e) = transport
@@ -490,7 +494,10 @@ pub fn announce(transport: Arc<dyn crate::transport::Transport>, worker: String)
                 if left <= REPEAT_OPEN.as_millis() as u64 {
                     break;
                 }
-                tokio::time::sleep(REPEAT_OPEN).await;
+                tokio::select! {
+                    _ = stopped.cancelled() => break,
+                    _ = tokio::time::sleep(REPEAT_OPEN) => {}
+                }
             }
         });
     })

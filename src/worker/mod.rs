@@ -350,6 +350,7 @@ pub async fn run(
     abandon.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), jobs.wait()).await;
     beating.cancel();
+    every_kind.stopped.cancel();
     let _ = heart.await;
     let _ = cancel_listener.await;
     for t in trips {

@@ -5,10 +5,10 @@
 //!
 //! On JetStream every worker of the kind puts in each tick's token, under an id of its tick, and
 //! the stream keeps one per id: no worker is special, and one that dies costs nothing. On
-//! RabbitMQ, which keeps every copy, one worker, elected by a broker claim (an exclusive queue,
-//! [`Transport::claim_flight`]), is the kind's pacer; when it dies its connection closes, the
-//! claim with it, and another worker takes over within a second (once the broker notices: at
-//! once for a process that died, after the connection's heartbeat for a lost host).
+//! RabbitMQ, which keeps every copy, one worker is the kind's pacer ([`Transport::pace_kind`]):
+//! the one a single-active-consumer queue hands its baton to. When it dies its connection
+//! closes and the broker hands the baton to the next worker at once (for a lost host, once the
+//! connection's heartbeat runs out).
 //!
 //! The limit so holds from the first second and does not depend on workers knowing how many they
 //! are: tokens come only as fast as the ticks, whoever takes them. Workers that disagree on the
@@ -23,8 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-/// How often a worker that is not the pacer tries to become it. (On RabbitMQ each try that finds
-/// the claim held costs a channel the broker closes, and a line in its log.)
+/// How long a worker waits before it contends again after losing or failing to get the pacing.
 const CONTEND_EVERY: Duration = Duration::from_secs(1);
 
 /// A worker's access to a kind's tokens; its pacer task stops when this is dropped.
@@ -94,21 +93,15 @@ impl Tokens {
     }
 }
 
-/// The claim key of `kind`'s pacer: letters and digits.
-fn pacer_key(kind: &str) -> String {
-    format!("pacer{}", super::flight::hash(kind))
-}
-
-/// Tries to become `kind`'s pacer until `stop`; paces while it is.
+/// Waits to become `kind`'s pacer until `stop`; paces while it is.
 async fn contend(transport: Arc<dyn Transport>, kind: String, rate: Rate, stop: CancellationToken) {
-    let key = pacer_key(&kind);
     loop {
         let claimed = tokio::select! {
             _ = stop.cancelled() => return,
-            c = transport.claim_flight(&key) => c,
+            c = transport.pace_kind(&kind) => c,
         };
         match claimed {
-            Ok(Some(claim)) => {
+            Ok(claim) => {
                 tracing::info!(%kind, ?rate, "pacing the kind's global rate");
                 let why = pace(transport.as_ref(), &kind, rate, Some(claim.as_ref()), &stop).await;
                 let _ = claim.release().await;
@@ -117,7 +110,6 @@ async fn contend(transport: Arc<dyn Transport>, kind: String, rate: Rate, stop: 
                     Err(e) => tracing::warn!(%kind, error = %e, "no longer pacing"),
                 }
             }
-            Ok(None) => {}
             Err(e) => tracing::warn!(%kind, error = %e, "cannot contend for pacing yet"),
         }
         tokio::select! {
@@ -231,14 +223,5 @@ mod tests {
         assert_eq!(tick(slow, 9_999), 0);
         assert_eq!(tick(slow, 10_000), 1);
         assert_eq!(tick(slow, u64::MAX), u64::MAX / 10_000);
-    }
-
-    #[test]
-    fn a_pacer_key_is_letters_and_digits_and_differs_by_kind() {
-        let a = pacer_key("hash");
-        let b = pacer_key("hash.v2");
-        assert!(a.chars().all(|c| c.is_ascii_alphanumeric()), "{a}");
-        assert!(b.chars().all(|c| c.is_ascii_alphanumeric()), "{b}");
-        assert_ne!(a, b);
     }
 }

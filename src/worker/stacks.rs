@@ -11,6 +11,8 @@ pub(crate) struct EveryKind {
     cancel: Arc<cancel::CancelControl>,
     flight: Arc<flight::FlightControl>,
     timeout: Arc<timeout::TimeoutControl>,
+    /// Fires when the worker has stopped: ends the controls' background tasks.
+    pub(crate) stopped: tokio_util::sync::CancellationToken,
 }
 
 impl EveryKind {
@@ -32,6 +34,7 @@ impl EveryKind {
                 Arc::default(),
             )),
             timeout: Arc::new(timeout::TimeoutControl::new(config.timeout_grace)),
+            stopped: tokio_util::sync::CancellationToken::new(),
         }
     }
 }
@@ -84,7 +87,11 @@ pub(crate) async fn kind_controls(
     }
     let mut stack = controls::Stack::new(handler);
     if let Some(b) = &breaker {
-        let announce = breaker::announce(transport.clone(), config.worker_id.clone());
+        let announce = breaker::announce(
+            transport.clone(),
+            config.worker_id.clone(),
+            every_kind.stopped.clone(),
+        );
         stack = stack.with(Arc::new(breaker::BreakerControl::new(b.clone(), announce)))?;
     }
     if let Some(r) = &rate {

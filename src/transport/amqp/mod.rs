@@ -788,6 +788,30 @@ impl super::FlightClaim for AmqpFlight {
     }
 }
 
+/// A held pacer baton: an unacked delivery on its own channel; closing the channel hands it on.
+struct AmqpBaton {
+    ch: lapin::Channel,
+    _consumer: lapin::Consumer,
+}
+
+#[async_trait]
+impl super::FlightClaim for AmqpBaton {
+    async fn refresh(&self) -> Result<()> {
+        if self.ch.status().connected() {
+            Ok(())
+        } else {
+            Err(Error::broker(
+                "refresh pacer baton",
+                std::io::Error::other("the baton was lost with its connection"),
+            ))
+        }
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        let _ = self.ch.close(200, "no longer pacing".into()).await;
+        Ok(())
+    }
+}
+
 /// Settles a held permit: `nack` returns it to the queue.
 struct PermitAcker(lapin::Acker);
 
@@ -1325,6 +1349,55 @@ impl Transport for AmqpTransport {
         Ok(n)
     }
 
+    async fn pace_kind(&self, kind: &str) -> Result<Box<dyn super::FlightClaim>> {
+        // A baton in a single-active-consumer queue: the broker delivers it to one consumer,
+        // which holds it unacked while it paces; when that consumer's connection goes, the
+        // broker makes the next consumer active and hands it the baton at once.
+        let queue = format!("{}.pacers.{kind}", self.inner.names.namespace());
+        let mut args = FieldTable::default();
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        let ch = self.inner.channel().await?;
+        let q = ch
+            .queue_declare(queue.as_str().into(), durable(), args)
+            .await
+            .map_err(|e| amqp_error("declare pacer queue", e))?;
+        if q.message_count() == 0 {
+            // None waiting: the baton is held by the active pacer, or there is none yet. A
+            // second baton is harmless (the single active consumer gets both).
+            for confirm in self
+                .inner
+                .put_empty(&queue, 1, "put the pacer baton")
+                .await?
+            {
+                let _ = confirm.await;
+            }
+        }
+        ch.basic_qos(1, BasicQosOptions::default())
+            .await
+            .map_err(|e| amqp_error("basic.qos", e))?;
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("basic.consume", e))?;
+        match consumer.next().await {
+            // The consumer is kept: dropping it would cancel it, and make the next one active.
+            Some(Ok(_baton)) => Ok(Box::new(AmqpBaton {
+                ch,
+                _consumer: consumer,
+            }) as Box<dyn super::FlightClaim>),
+            Some(Err(e)) => Err(amqp_error("pacer baton", e)),
+            None => Err(Error::broker(
+                "pacer baton",
+                std::io::Error::other("the pacer queue's consumer ended"),
+            )),
+        }
+    }
+
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {
         // An exclusive queue: one connection can hold it; it goes when that connection does.
         let queue = format!("{}.flights.{key}", self.inner.names.namespace());
@@ -1444,6 +1517,11 @@ impl Transport for AmqpTransport {
         queues.extend(kinds.iter().map(|kind| n.job_queue(kind)));
         queues.extend(kinds.iter().map(|kind| n.permit_queue(kind)));
         queues.extend(kinds.iter().map(|kind| n.token_subject(kind)));
+        queues.extend(
+            kinds
+                .iter()
+                .map(|kind| format!("{}.pacers.{kind}", n.namespace())),
+        );
         // Every delay a retry can have been rounded to (see `AmqpAcker::retry`).
         queues.extend(crate::protocol::retry_delays_ms().map(|ms| n.retry_queue(ms)));
         for q in queues {
