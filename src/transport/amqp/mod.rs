@@ -729,6 +729,10 @@ impl Inner {
         no_ack: bool,
     ) -> Result<(lapin::Channel, lapin::Consumer)> {
         let ch = self.channel().await?;
+        // A consume abandoned half-way (its caller timed out while the broker was booting) must
+        // not leave a consumer behind on a live channel: the broker would deliver to it, and
+        // what it holds (permits, jobs) would be held by nobody.
+        let mut abandoned = CloseOnDrop(Some(ch.clone()));
         if !no_ack {
             ch.basic_qos(opts.prefetch.max(1), BasicQosOptions::default())
                 .await
@@ -754,7 +758,22 @@ impl Inner {
         channels.retain(|(c, _)| c.status().connected());
         channels.push((ch.clone(), opts.prefetch.max(1)));
         drop(channels);
+        abandoned.0 = None;
         Ok((ch, consumer))
+    }
+}
+
+/// Closes its channel when dropped, unless taken out first: for channels whose set-up may be
+/// abandoned at an await.
+struct CloseOnDrop(Option<lapin::Channel>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let (Some(ch), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = ch.close(200, "abandoned".into()).await;
+            });
+        }
     }
 }
 
@@ -1357,6 +1376,9 @@ impl Transport for AmqpTransport {
         let mut args = FieldTable::default();
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         let ch = self.inner.channel().await?;
+        // Waiting for the baton may be abandoned (the worker stops): the waiting consumer must go
+        // with it, or it could be handed the baton and pace nothing.
+        let mut abandoned = CloseOnDrop(Some(ch.clone()));
         let q = ch
             .queue_declare(queue.as_str().into(), durable(), args)
             .await
@@ -1386,10 +1408,13 @@ impl Transport for AmqpTransport {
             .map_err(|e| amqp_error("basic.consume", e))?;
         match consumer.next().await {
             // The consumer is kept: dropping it would cancel it, and make the next one active.
-            Some(Ok(_baton)) => Ok(Box::new(AmqpBaton {
-                ch,
-                _consumer: consumer,
-            }) as Box<dyn super::FlightClaim>),
+            Some(Ok(_baton)) => {
+                abandoned.0 = None;
+                Ok(Box::new(AmqpBaton {
+                    ch,
+                    _consumer: consumer,
+                }) as Box<dyn super::FlightClaim>)
+            }
             Some(Err(e)) => Err(amqp_error("pacer baton", e)),
             None => Err(Error::broker(
                 "pacer baton",
