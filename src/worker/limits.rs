@@ -68,9 +68,9 @@ impl Rate {
         Ok(Rate { count, per, burst })
     }
 
-    /// The limiter for `1/shares` of this rate.
-    fn limiter(&self, shares: u32) -> Option<DefaultDirectRateLimiter> {
-        let period = self.per * shares.max(1) / self.count;
+    /// This worker's limiter for this rate.
+    fn limiter(&self) -> Option<DefaultDirectRateLimiter> {
+        let period = self.per / self.count;
         let quota = Quota::with_period(period.max(Duration::from_micros(1)))?
             .allow_burst(NonZeroU32::new(self.burst.max(1))?);
         Some(RateLimiter::direct(quota))
@@ -118,7 +118,7 @@ impl RateControl {
     ) -> Result<Option<RateControl>> {
         let bad = |what: &str| Error::Config(format!("invalid {what}"));
         let worker = match &limits.worker_rate {
-            Some(r) => Some(r.limiter(1).ok_or_else(|| bad("--worker-rate"))?),
+            Some(r) => Some(r.limiter().ok_or_else(|| bad("--worker-rate"))?),
             None => None,
         };
         if limits.rate.is_some() != global.is_some() {

@@ -777,6 +777,19 @@ impl Drop for CloseOnDrop {
     }
 }
 
+/// `Ok` while `ch`, which holds a claim, is open: a closed channel means the claim went with a
+/// lost connection, and another process may hold it now.
+fn still_held(ch: &lapin::Channel, op: &'static str) -> Result<()> {
+    if ch.status().connected() {
+        Ok(())
+    } else {
+        Err(Error::broker(
+            op,
+            std::io::Error::other("the claim was lost with its connection"),
+        ))
+    }
+}
+
 /// A held RabbitMQ singleflight claim: an exclusive queue.
 struct AmqpFlight {
     ch: lapin::Channel,
@@ -786,16 +799,8 @@ struct AmqpFlight {
 #[async_trait]
 impl super::FlightClaim for AmqpFlight {
     async fn refresh(&self) -> Result<()> {
-        // The exclusive queue lives as long as its connection: a closed channel means the claim
-        // went with a lost connection, and another process may hold the key now.
-        if self.ch.status().connected() {
-            Ok(())
-        } else {
-            Err(Error::broker(
-                "refresh claim",
-                std::io::Error::other("the claim was lost with its connection"),
-            ))
-        }
+        // The exclusive queue lives as long as its connection.
+        still_held(&self.ch, "refresh claim")
     }
     async fn release(self: Box<Self>) -> Result<()> {
         let _ = self
@@ -816,14 +821,7 @@ struct AmqpBaton {
 #[async_trait]
 impl super::FlightClaim for AmqpBaton {
     async fn refresh(&self) -> Result<()> {
-        if self.ch.status().connected() {
-            Ok(())
-        } else {
-            Err(Error::broker(
-                "refresh pacer baton",
-                std::io::Error::other("the baton was lost with its connection"),
-            ))
-        }
+        still_held(&self.ch, "refresh pacer baton")
     }
     async fn release(self: Box<Self>) -> Result<()> {
         let _ = self.ch.close(200, "no longer pacing".into()).await;
