@@ -5,30 +5,13 @@
 mod common;
 
 use common::cluster::{Cluster, WAIT};
+use common::pg::{pg_client, pg_url};
 use common::{http_get, Broker};
 use conveyor::JobSpec;
 use serde_json::json;
 use std::time::Duration;
 
 both_brokers!(pg_insert_uses_at_most_its_pool_and_inserts_each_job_once);
-
-/// The test database (PostgreSQL on 127.0.0.1:5432, database `test`, trust authentication).
-fn pg_url(app: &str) -> String {
-    std::env::var("CONVEYOR_TEST_PG").unwrap_or_else(|_| {
-        format!("postgres://postgres@127.0.0.1:5432/test?application_name={app}")
-    })
-}
-
-async fn pg_client() -> tokio_postgres::Client {
-    let url = pg_url("conveyor_test_observer");
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| {
-            panic!("PostgreSQL is not reachable at 127.0.0.1:5432 ({e}); run scripts/ensure-brokers.sh, which starts it")
-        });
-    tokio::spawn(conn);
-    client
-}
 
 async fn pg_insert_uses_at_most_its_pool_and_inserts_each_job_once(broker: Broker) {
     let cluster = Cluster::new(broker);

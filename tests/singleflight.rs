@@ -18,6 +18,8 @@ both_brokers!(
     one_key_in_flight_runs_once_across_three_workers,
     another_worker_takes_over_when_the_runner_is_killed,
     cancel_is_outside_singleflight_and_timeout_inside,
+    waiting_jobs_take_no_slots_and_all_share_one_run,
+    past_its_places_to_wait_a_job_waits_in_a_slot,
 );
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -227,4 +229,205 @@ async fn cancel_is_outside_singleflight_and_timeout_inside(broker: Broker) {
         "the waiting job shares the leader's timed-out run: {followed:?}"
     );
     stack.stop().await;
+}
+
+/// 48 jobs with one key over two worker processes of 8 slots each: the jobs waiting for the run
+/// take no slot (and on RabbitMQ no prefetch place), so all 48 end with one run of the handler,
+/// in about its time, and 6 jobs without a key published behind them run meanwhile in the slots
+/// left free. The handler is `pg.insert` into a table whose trigger sleeps 4 s: PostgreSQL counts
+/// the runs. The workers' 2 s lease is shorter than the run, so the waiting jobs' leases must be
+/// kept alive: a redelivered one would lead a second run.
+async fn waiting_jobs_take_no_slots_and_all_share_one_run(broker: Broker) {
+    use common::cluster::Cluster;
+    use common::pg::{pg_client, pg_url};
+    const RUN: Duration = Duration::from_secs(4);
+    let cluster = Cluster::new(broker);
+    let table = format!("flight_{}", cluster.ns);
+    let observer = pg_client().await;
+    observer
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (job_id text PRIMARY KEY, doc jsonb NOT NULL, \
+             inserted_at timestamptz NOT NULL DEFAULT now());
+             CREATE FUNCTION {table}_slow() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep({}); RETURN NEW; END $$;
+             CREATE TRIGGER {table}_slow BEFORE INSERT ON {table}
+               FOR EACH ROW EXECUTE FUNCTION {table}_slow();",
+            RUN.as_secs()
+        ))
+        .await
+        .expect("slow table");
+    let _aggregator = cluster.aggregator("aggregator").await;
+    let url = pg_url(&format!("conveyor_{}", cluster.ns));
+    let args = [
+        "--kinds",
+        "pg.insert",
+        "--concurrency",
+        "8",
+        "--pg-url",
+        &url,
+        "--pg-pool-size",
+        "8",
+        "--pg-table",
+        &table,
+    ];
+    let _workers: Vec<_> = (0..2)
+        .map(|n| cluster.worker(&format!("worker-{n}"), &args))
+        .collect();
+    cluster.wait_workers(2).await;
+    let client = cluster.client().await;
+    let mut waiter = client.waiter().await.expect("waiter");
+    let reply = waiter.address().to_string();
+    let keyed = (0..48)
+        .map(|i| {
+            JobSpec::new("pg.insert", json!({ "n": i }))
+                .dedup_key("monthly-report")
+                .reply_to(&reply)
+        })
+        .collect();
+    let unkeyed = (0..6)
+        .map(|i| JobSpec::new("pg.insert", json!({ "free": i })).reply_to(&reply))
+        .collect();
+    let started = std::time::Instant::now();
+    let keyed = common::cluster::publish_all(&client, keyed).await;
+    let unkeyed = common::cluster::publish_all(&client, unkeyed).await;
+    let ids: Vec<String> = keyed.iter().chain(&unkeyed).cloned().collect();
+    let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
+    let took = started.elapsed();
+    let runs: i64 = observer
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE doc ? 'n'"),
+            &[],
+        )
+        .await
+        .expect("count runs")
+        .get(0);
+    let free: i64 = observer
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE doc ? 'free'"),
+            &[],
+        )
+        .await
+        .expect("count free")
+        .get(0);
+    let _ = observer
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; DROP FUNCTION IF EXISTS {table}_slow();"
+        ))
+        .await;
+    let _ = client.close().await;
+    if broker == Broker::Amqp {
+        // The consumers that made room for the waiting jobs are gone with them: one consumer per
+        // worker is left on the queue.
+        let queue = format!("{}.jobs.pg.insert", cluster.ns);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let consumers = loop {
+            let n = amqp_consumers(&queue).await;
+            if n == 2 || std::time::Instant::now() > deadline {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(consumers, 2, "the extra consumers were cancelled");
+    }
+    eprintln!(
+        "singleflight on {broker:?}: 48 keyed + 6 free jobs over 2 workers x 8 slots in {took:?} \
+         (one run is {RUN:?}); the keyed handler ran {runs} time(s), the free ones {free}"
+    );
+    assert_eq!(results.len(), ids.len(), "every job got a result");
+    assert!(results.iter().all(|r| r.succeeded()), "{results:?}");
+    assert_eq!(runs, 1, "the handler ran once for the 48 jobs with one key");
+    assert_eq!(free, 6, "each job without a key ran");
+    assert!(
+        took < RUN + RUN * 3 / 4,
+        "all ended in about one run's time, not in waves ({took:?} for runs of {RUN:?})"
+    );
+}
+
+/// The consumers on a RabbitMQ queue, as the broker counts them (pika, a passive declare).
+async fn amqp_consumers(queue: &str) -> u64 {
+    let script = format!(
+        "import pika\n\
+         c = pika.BlockingConnection(pika.ConnectionParameters('127.0.0.1'))\n\
+         print(c.channel().queue_declare({queue:?}, passive=True).method.consumer_count)\n\
+         c.close()\n"
+    );
+    let out = tokio::process::Command::new("timeout")
+        .args(["20", "python3", "-c", &script])
+        .output()
+        .await
+        .expect("python3 runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "python3 with pika counts consumers: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// `--max-followers` bounds the jobs waiting without a slot: with one place and two slots, the
+/// third job with the key waits in the second slot and the fourth cannot be taken until a slot
+/// frees, which is after the run: it (and the fifth) run the handler again.
+async fn past_its_places_to_wait_a_job_waits_in_a_slot(broker: Broker) {
+    let url = broker.url();
+    let ns = common::unique_ns("s");
+    let runs = Arc::new(AtomicU32::new(0));
+    let stop = CancellationToken::new();
+    let mut registry = Registry::new();
+    let counter = runs.clone();
+    registry.register(
+        "slow-count",
+        handler_fn(move |_: Value, _: JobContext| {
+            let counter = counter.clone();
+            async move {
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Ok::<_, JobError>(json!({ "run": n }))
+            }
+        }),
+    );
+    let transport = conveyor::transport::connect(&url, &ns)
+        .await
+        .expect("worker connects");
+    let config = WorkerConfig {
+        concurrency: 2,
+        max_followers: 1,
+        ..test_worker_config()
+    };
+    let worker = tokio::spawn(conveyor::worker::run(
+        transport,
+        registry,
+        config,
+        stop.clone(),
+        CancellationToken::new(),
+    ));
+    let client = conveyor::Client::connect(&url, &ns).await.expect("client");
+    let mut waiter = client.waiter().await.expect("waiter");
+    let reply = waiter.address().to_string();
+    let specs = (0..5)
+        .map(|_| {
+            JobSpec::new("slow-count", json!({}))
+                .dedup_key("one-place")
+                .reply_to(&reply)
+        })
+        .collect();
+    let ids = common::cluster::publish_all(&client, specs).await;
+    let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(WAIT, worker).await;
+    let _ = client.close().await;
+    common::delete_namespace(broker, &ns, &["slow-count".to_string()]);
+    let mut outputs: Vec<u64> = results
+        .iter()
+        .map(|r| r.output["run"].as_u64().unwrap_or(0))
+        .collect();
+    outputs.sort_unstable();
+    eprintln!("one place to wait, two slots: runs seen by the five jobs {outputs:?}");
+    assert_eq!(results.len(), 5, "every job got a result");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the jobs taken after the first run ran the handler again"
+    );
+    assert_eq!(outputs, vec![1, 1, 1, 2, 2], "three shared the first run");
 }

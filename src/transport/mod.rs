@@ -73,7 +73,14 @@ pub trait Acker: Send + Sync {
     fn cumulative(&self) -> bool {
         false
     }
+    /// See [`Delivery::set_aside`]. By default nothing: the broker sends on demand.
+    fn set_aside(&self) -> Option<Aside> {
+        None
+    }
 }
+
+/// A delivery set aside ([`Delivery::set_aside`]): the room made for another goes when it drops.
+pub type Aside = Box<dyn std::any::Any + Send + Sync>;
 
 /// One message delivered from a durable source. It must be settled once, by value:
 /// [`Delivery::ack`], [`Delivery::nack`] or [`Delivery::retry`]. One dropped unsettled is
@@ -144,6 +151,14 @@ impl Delivery {
     /// Extends the lease while a long job runs.
     pub async fn progress(&self) -> Result<()> {
         self.acker.progress().await
+    }
+
+    /// Says that this delivery will wait in the worker without running (a job waiting for a
+    /// singleflight run): where the broker caps the deliveries a consumer holds unsettled
+    /// (RabbitMQ's prefetch), the consumer makes room for one more until the returned guard
+    /// drops. `None` where the broker sends on demand (JetStream pulls as the worker reads).
+    pub fn set_aside(&self) -> Option<Aside> {
+        self.acker.set_aside()
     }
 }
 

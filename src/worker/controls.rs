@@ -55,6 +55,13 @@ pub async fn until_settled<F: Future>(job_task: F) -> F::Output {
         .await
 }
 
+/// Keeps `held` until the job task running inside [`until_settled`] ends; outside one it is
+/// given back at once.
+pub fn hold_until_settled(held: Held) {
+    let mut held = Some(held);
+    let _ = SETTLING.try_with(|kept| kept.borrow_mut().extend(held.take()));
+}
+
 /// The rest of the stack, as one control sees it: the inner controls and the handler.
 pub type Next = BoxCloneService<Job, Value, JobError>;
 

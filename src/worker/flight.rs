@@ -8,6 +8,11 @@
 //! claim again every half second, so when the runner dies (its claim freed by the broker) another
 //! takes over. The outcome is broadcast before the claim is released, and a worker that gets the
 //! claim first waits briefly for an outcome already on its way.
+//!
+//! The worker enters a job's key when it takes the job from the broker ([`Flights::enter`]): the
+//! first job of a key in this worker holds its lead ([`LocalLead`]) and runs as any job, with a
+//! slot; the jobs delivered while it runs wait for its outcome without a slot
+//! ([`super::follow`]).
 
 use super::controls::{Control, Next};
 use super::registry::Job;
@@ -22,6 +27,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -51,7 +57,97 @@ fn shared_outcome(r: &Outcome) -> bool {
 /// The keys this worker has in flight, and how its waiting jobs hear the outcome.
 #[derive(Default)]
 pub struct Flights {
-    local: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
+    local: Mutex<HashMap<String, Local>>,
+    tickets: AtomicU64,
+}
+
+/// A key in flight in this worker: the ticket of the job that leads it, and its outcome to be.
+struct Local {
+    ticket: u64,
+    outcome: Arc<watch::Sender<Option<Outcome>>>,
+}
+
+tokio::task_local! {
+    /// The ticket of the key a job task leads, set by [`LocalLead::run`].
+    static LEADS: u64;
+}
+
+/// What [`Flights::enter`] found.
+pub enum Entered {
+    /// No job of the key was in flight here: this one leads it.
+    Lead(LocalLead),
+    /// One is: its outcome will come here.
+    Follow(watch::Receiver<Option<Outcome>>),
+}
+
+/// The lead of a key in this worker, taken before the leading job runs. The key stays in flight
+/// until it drops.
+pub struct LocalLead {
+    flights: Arc<Flights>,
+    hash: String,
+    ticket: u64,
+}
+
+impl LocalLead {
+    /// Runs `job_task` (the leading job, up to its settling) as the key's leader.
+    pub async fn run<F: Future>(self, job_task: F) -> F::Output {
+        let out = LEADS.scope(self.ticket, job_task).await;
+        drop(self);
+        out
+    }
+}
+
+impl Drop for LocalLead {
+    fn drop(&mut self) {
+        self.flights.leave(&self.hash, self.ticket);
+    }
+}
+
+impl Flights {
+    /// Enters a job with `key`: it leads the key in this worker, or follows the job that does.
+    pub fn enter(self: &Arc<Self>, key: &str) -> Entered {
+        let h = hash(key);
+        let mut local = self.lock();
+        match local.get(&h) {
+            Some(l) => Entered::Follow(l.outcome.subscribe()),
+            None => {
+                let ticket = self.new_ticket();
+                local.insert(
+                    h.clone(),
+                    Local {
+                        ticket,
+                        outcome: Arc::new(watch::channel(None).0),
+                    },
+                );
+                Entered::Lead(LocalLead {
+                    flights: self.clone(),
+                    hash: h,
+                    ticket,
+                })
+            }
+        }
+    }
+
+    /// Keys in flight in this worker.
+    pub fn in_flight(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Local>> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn new_ticket(&self) -> u64 {
+        self.tickets.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Ends the lead `ticket` of the key `h` (a later lead of the key stays).
+    fn leave(&self, h: &str, ticket: u64) {
+        let mut local = self.lock();
+        if local.get(h).is_some_and(|l| l.ticket == ticket) {
+            local.remove(h);
+        }
+    }
 }
 
 /// The hash that names `key` on the broker.
@@ -87,22 +183,16 @@ fn from_message(key: &str, msg: &Message) -> Option<Outcome> {
     })
 }
 
-/// Removes a leader's entry when it ends, however it ends.
+/// Ends a leader's entry when its run ends, however it ends.
 struct Leading<'a> {
     flights: &'a Flights,
     hash: String,
-    rx: watch::Receiver<Option<Outcome>>,
+    ticket: u64,
 }
 
 impl Drop for Leading<'_> {
     fn drop(&mut self) {
-        let mut local = self.flights.local.lock().unwrap_or_else(|p| p.into_inner());
-        if local
-            .get(&self.hash)
-            .is_some_and(|rx| rx.same_channel(&self.rx))
-        {
-            local.remove(&self.hash);
-        }
+        self.flights.leave(&self.hash, self.ticket);
     }
 }
 
@@ -143,9 +233,9 @@ impl Control for FlightControl {
 }
 
 /// Runs `run` for this job unless a job with the same key is in flight, in which case it waits
-/// for that one's outcome. When the job leading in this worker ends without an outcome to share
-/// (cancelled, or dropped), a waiting job leads in its place. `stop` fires when this job should
-/// give up waiting (it ends `cancelled`).
+/// for that one's outcome. A job that holds the key's [`LocalLead`] leads. When the job leading in
+/// this worker ends without an outcome to share (cancelled, or dropped), a waiting job leads in
+/// its place. `stop` fires when this job should give up waiting (it ends `cancelled`).
 pub async fn once<Fut>(
     transport: &dyn Transport,
     flights: &Flights,
@@ -157,40 +247,56 @@ where
     Fut: Future<Output = Outcome>,
 {
     let h = hash(key);
-    let (tx, rx) = loop {
-        let follow = {
-            let mut local = flights.local.lock().unwrap_or_else(|p| p.into_inner());
+    let mine = LEADS.try_with(|t| *t).ok();
+    let (tx, _leading) = loop {
+        let entered = {
+            let mut local = flights.lock();
             match local.get(&h) {
-                Some(rx) => rx.clone(),
+                Some(l) if Some(l.ticket) == mine => Ok((l.ticket, l.outcome.clone())),
+                Some(l) => Err(l.outcome.subscribe()),
                 None => {
-                    let (tx, rx) = watch::channel(None);
-                    local.insert(h.clone(), rx.clone());
-                    break (tx, rx);
+                    let ticket = flights.new_ticket();
+                    let tx = Arc::new(watch::channel(None).0);
+                    let outcome = tx.clone();
+                    local.insert(h.clone(), Local { ticket, outcome });
+                    Ok((ticket, tx))
                 }
             }
         };
-        // Another job of this worker leads: its outcome is ours.
-        if let Some(outcome) = follow_local(follow, stop).await {
-            return outcome;
+        match entered {
+            // The key's run ends with this job's: a job delivered after it runs again.
+            Ok((ticket, tx)) => {
+                let hash = h.clone();
+                break (
+                    tx,
+                    Leading {
+                        flights,
+                        hash,
+                        ticket,
+                    },
+                );
+            }
+            // Another job of this worker leads: its outcome is ours.
+            Err(follow) => {
+                if let Some(outcome) = follow_local(follow, stop).await {
+                    return outcome;
+                }
+                if stop.is_cancelled() {
+                    return Err(JobError::Cancelled);
+                }
+            }
         }
-        if stop.is_cancelled() {
-            return Err(JobError::Cancelled);
-        }
-    };
-    let _leading = Leading {
-        flights,
-        hash: h.clone(),
-        rx,
     };
     let outcome = across_cluster(transport, key, &h, stop, run).await;
     if shared_outcome(&outcome) {
-        let _ = tx.send(Some(outcome.clone()));
+        // Kept for the jobs that enter the key until its entry goes.
+        tx.send_replace(Some(outcome.clone()));
     }
     outcome
 }
 
 /// Waits for the local leader's outcome: `None` when it ended without one to share.
-async fn follow_local(
+pub(crate) async fn follow_local(
     mut rx: watch::Receiver<Option<Outcome>>,
     stop: &CancellationToken,
 ) -> Option<Outcome> {

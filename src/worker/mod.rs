@@ -10,6 +10,7 @@ pub mod builtin;
 pub mod cancel;
 pub mod controls;
 pub mod flight;
+pub mod follow;
 pub mod heartbeat;
 pub mod limits;
 pub mod pacer;
@@ -44,6 +45,9 @@ pub struct WorkerConfig {
     pub kinds: Option<Vec<String>>,
     /// Jobs run at once; also the broker prefetch per kind.
     pub concurrency: usize,
+    /// Jobs that may wait for a singleflight run of their key in this worker without a slot;
+    /// past it, a waiting job holds a slot.
+    pub max_followers: usize,
     /// Bodies larger than this are dead-lettered unread.
     pub max_body_bytes: usize,
     /// How long running jobs may take to finish after shutdown is requested.
@@ -73,6 +77,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             kinds: None,
             concurrency: default_concurrency(),
+            max_followers: follow::DEFAULT_MAX_FOLLOWERS,
             max_body_bytes: 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
             lease: Duration::from_secs(30),
@@ -144,6 +149,8 @@ pub struct Shared {
     pub resources: Arc<resources::Resources>,
     /// Each kind's controls, for jobs that come through the catch-all consumer.
     pub stacks: HashMap<String, controls::Stack>,
+    /// The singleflight keys in flight in this worker.
+    pub flights: Arc<flight::Flights>,
 }
 
 impl Shared {
@@ -218,7 +225,8 @@ pub async fn run(
         crate::events::Emitter::disabled()
     };
     let cancels: Arc<cancel::Cancels> = Arc::default();
-    let every_kind = stacks::EveryKind::new(&config, &transport, &events, &cancels);
+    let flights: Arc<flight::Flights> = Arc::default();
+    let every_kind = stacks::EveryKind::new(&config, &transport, &events, &cancels, &flights);
     let mut stacks = HashMap::new();
     let mut sources = Vec::new();
     let mut breakers = Vec::new();
@@ -263,6 +271,7 @@ pub async fn run(
         cancels,
         resources: Arc::new(registry_resources),
         stacks,
+        flights,
     });
     let beating = CancellationToken::new();
     let requests = cancel::catch_up(transport.as_ref(), &shared.cancels).await;
@@ -291,6 +300,7 @@ pub async fn run(
             .await;
     }
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
+    let followers = Arc::new(Semaphore::new(shared.config.max_followers));
     let jobs = TaskTracker::new();
     let abandon = CancellationToken::new();
     let pumps = TaskTracker::new();
@@ -300,7 +310,10 @@ pub async fn run(
             stream,
             stack,
             shared.clone(),
-            permits.clone(),
+            Slots {
+                running: permits.clone(),
+                following: followers.clone(),
+            },
             jobs.clone(),
             shutdown.clone(),
             abandon.clone(),
@@ -390,38 +403,44 @@ fn runs_every<'a>(
     }
 }
 
+/// The worker's places for jobs: slots to run in, and places to wait for a singleflight run in.
+#[derive(Clone)]
+struct Slots {
+    running: Arc<Semaphore>,
+    following: Arc<Semaphore>,
+}
+
 /// Moves deliveries from one source into job tasks. For a kind's own source, the kind's controls
 /// admit the next job before it is taken from the consumer; a job that comes through the
 /// catch-all consumer passes its kind's admissions while the worker holds it. Then the job waits
-/// for a worker-wide slot.
+/// for a worker-wide slot. A job whose singleflight key is in flight in this worker takes neither
+/// ([`follow`]): the admission stays for the next job.
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     name: String,
     mut stream: DeliveryStream,
     stack: Option<controls::Stack>,
     shared: Arc<Shared>,
-    permits: Arc<Semaphore>,
+    slots: Slots,
     jobs: TaskTracker,
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
     let lease = shared.config.lease;
+    let mut admitted: Option<controls::Next> = None;
     loop {
-        let admitted = match &stack {
-            Some(stack) => {
-                let mut svc = stack.service();
-                match shutdown.run_until_cancelled(svc.ready()).await {
-                    None => break,
-                    Some(Err(e)) => {
-                        tracing::warn!(source = %name, error = %e, "controls not ready");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                    Some(Ok(_)) => Some(svc),
+        if let (None, Some(stack)) = (&admitted, &stack) {
+            let mut svc = stack.service();
+            match shutdown.run_until_cancelled(svc.ready()).await {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(source = %name, error = %e, "controls not ready");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
+                Some(Ok(_)) => admitted = Some(svc),
             }
-            None => None,
-        };
+        }
         let Some(next) = shutdown.run_until_cancelled(stream.next()).await else {
             break;
         };
@@ -438,7 +457,30 @@ async fn pump(
                 break;
             }
         };
-        let svc = match (admitted, shared.stacks.get(&delivery.kind)) {
+        let lead = match enter_flight(&shared, &delivery) {
+            Some(flight::Entered::Lead(lead)) => Some(lead),
+            Some(flight::Entered::Follow(_)) => {
+                match slots.following.clone().try_acquire_owned() {
+                    Ok(place) => {
+                        let key = delivery
+                            .message
+                            .headers
+                            .get(crate::protocol::header::DEDUP_KEY);
+                        let key = key.unwrap_or_default().to_string();
+                        let aside = delivery.set_aside();
+                        let svc =
+                            follow::service(shared.clone(), slots.running.clone(), key, aside);
+                        let job = (delivery, Box::new(place) as controls::Held, None);
+                        spawn_job(&jobs, &shared, job, &abandon, Some(svc));
+                        continue;
+                    }
+                    // Every place is taken: it waits holding a slot.
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        let svc = match (admitted.take(), shared.stacks.get(&delivery.kind)) {
             (Some(svc), _) => Some(svc),
             (None, None) => None,
             (None, Some(stack)) => {
@@ -452,30 +494,16 @@ async fn pump(
                 }
             }
         };
-        let Some(permit) = holding(&delivery, &shutdown, lease, permits.clone().acquire_owned())
+        let running = slots.running.clone().acquire_owned();
+        let Some(permit) = holding(&delivery, &shutdown, lease, running)
             .await
             .and_then(|p| p.ok())
         else {
             let _ = delivery.nack().await;
             break;
         };
-        let shared = shared.clone();
-        let abandon = abandon.clone();
-        jobs.spawn(async move {
-            let outcome =
-                controls::until_settled(process::process(shared.clone(), delivery, abandon, svc))
-                    .await;
-            drop(permit);
-            let c = &shared.counters;
-            let counter = match outcome {
-                process::Outcome::Succeeded => &c.succeeded,
-                process::Outcome::Retried => &c.retried,
-                process::Outcome::Dead => &c.dead,
-                process::Outcome::Ended => &c.ended,
-                process::Outcome::HandedBack => &c.handed_back,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-        });
+        let job = (delivery, Box::new(permit) as controls::Held, lead);
+        spawn_job(&jobs, &shared, job, &abandon, svc);
     }
     // Hand back what the consumer had already buffered.
     while let Some(Some(item)) = stream.next().now_or_never() {
@@ -483,6 +511,48 @@ async fn pump(
             let _ = d.nack().await;
         }
     }
+}
+
+/// Enters the delivery's singleflight key, if it has one and this worker runs its kind.
+fn enter_flight(shared: &Arc<Shared>, delivery: &Delivery) -> Option<flight::Entered> {
+    let key = delivery
+        .message
+        .headers
+        .get(crate::protocol::header::DEDUP_KEY)?;
+    shared
+        .stacks
+        .contains_key(&delivery.kind)
+        .then(|| shared.flights.enter(key))
+}
+
+/// Runs a delivery as a job task, holding `place` (a slot, or a place to wait in) until it is
+/// settled, and leading its key in this worker if it holds the lead.
+fn spawn_job(
+    jobs: &TaskTracker,
+    shared: &Arc<Shared>,
+    (delivery, place, lead): (Delivery, controls::Held, Option<flight::LocalLead>),
+    abandon: &CancellationToken,
+    svc: Option<controls::Next>,
+) {
+    let shared = shared.clone();
+    let abandon = abandon.clone();
+    jobs.spawn(async move {
+        let run = controls::until_settled(process::process(shared.clone(), delivery, abandon, svc));
+        let outcome = match lead {
+            Some(lead) => lead.run(run).await,
+            None => run.await,
+        };
+        drop(place);
+        let c = &shared.counters;
+        let counter = match outcome {
+            process::Outcome::Succeeded => &c.succeeded,
+            process::Outcome::Retried => &c.retried,
+            process::Outcome::Dead => &c.dead,
+            process::Outcome::Ended => &c.ended,
+            process::Outcome::HandedBack => &c.handed_back,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
 }
 
 /// Opens `breaker` when another worker's breaker for its kind opens, until the same time, as

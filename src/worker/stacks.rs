@@ -22,6 +22,7 @@ impl EveryKind {
         transport: &Arc<dyn Transport>,
         events: &Emitter,
         cancels: &Arc<cancel::Cancels>,
+        flights: &Arc<flight::Flights>,
     ) -> EveryKind {
         EveryKind {
             cancel: Arc::new(cancel::CancelControl::new(
@@ -31,7 +32,7 @@ impl EveryKind {
             )),
             flight: Arc::new(flight::FlightControl::new(
                 transport.clone(),
-                Arc::default(),
+                flights.clone(),
             )),
             timeout: Arc::new(timeout::TimeoutControl::new(config.timeout_grace)),
             stopped: tokio_util::sync::CancellationToken::new(),
@@ -198,7 +199,13 @@ mod tests {
         let config = config();
         let transport: Arc<dyn Transport> = Arc::new(crate::transport::offline::Offline::default());
         let cancels: Arc<cancel::Cancels> = Arc::default();
-        let every = EveryKind::new(&config, &transport, &Emitter::disabled(), &cancels);
+        let every = EveryKind::new(
+            &config,
+            &transport,
+            &Emitter::disabled(),
+            &cancels,
+            &Arc::default(),
+        );
         let opts = ConsumeOptions::default();
         let k = kind_controls("sleep", sleeper(runs), &config, &transport, opts, &every)
             .await

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod own_rabbit;
+pub mod pg;
 
 use conveyor::aggregator::{self, AggregatorConfig};
 use conveyor::transport::{self, ConsumeOptions, Source, Transport};

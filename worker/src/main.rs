@@ -27,6 +27,10 @@ struct Args {
     /// Jobs run at once (and broker prefetch per kind). Default: number of CPUs × 4.
     #[arg(long, env = "CONVEYOR_CONCURRENCY")]
     concurrency: Option<usize>,
+    /// Jobs that may wait in this worker for a singleflight run of their Conveyor-Dedup-Key
+    /// without taking a slot (past it, a waiting job holds a slot).
+    #[arg(long, env = "CONVEYOR_MAX_FOLLOWERS", default_value_t = conveyor::worker::follow::DEFAULT_MAX_FOLLOWERS)]
+    max_followers: usize,
     /// Kinds to take, comma-separated. Default: every kind of the namespace (unknown kinds are
     /// dead-lettered).
     #[arg(long, env = "CONVEYOR_KINDS", value_delimiter = ',')]
@@ -156,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
         breakers: args.breakers.iter().cloned().collect(),
         kinds: args.kinds,
         concurrency: args.concurrency.unwrap_or(defaults.concurrency),
+        max_followers: args.max_followers,
         max_body_bytes: args.max_body_bytes,
         drain_timeout: args.drain_timeout,
         lease: args.lease,

@@ -750,16 +750,29 @@ impl Inner {
             )
             .await
             .map_err(|e| amqp_error("basic.consume", e))?;
+        self.keep_consumer_channel(&ch, opts.prefetch.max(1));
+        abandoned.0 = None;
+        Ok((ch, consumer))
+    }
+
+    /// Remembers a channel with consumers on it, for [`Transport::close`].
+    fn keep_consumer_channel(&self, ch: &lapin::Channel, prefetch: u16) {
         let mut channels = self
             .consumer_channels
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         // Channels lost to a broker restart are replaced by re-subscribing consumers: forget them.
         channels.retain(|(c, _)| c.status().connected());
-        channels.push((ch.clone(), opts.prefetch.max(1)));
-        drop(channels);
-        abandoned.0 = None;
-        Ok((ch, consumer))
+        channels.push((ch.clone(), prefetch));
+    }
+
+    /// The queue a job source reads, for the consumers that make room for jobs set aside.
+    fn job_source_queue(&self, source: &Source) -> Option<String> {
+        match source {
+            Source::Kind(kind) => Some(self.names.job_queue(kind)),
+            Source::Unrouted(_) => Some(self.names.unrouted()),
+            _ => None,
+        }
     }
 }
 
@@ -909,6 +922,8 @@ struct Resubscribing {
     opts: ConsumeOptions,
     cumulative: bool,
     current: Option<(lapin::Channel, lapin::Consumer)>,
+    /// For a job source: its deliveries set aside, and the consumers that make room for them.
+    room: Option<(Arc<room::Room>, room::Extras)>,
 }
 
 /// What a [`Resubscribing`] consumer reads.
@@ -949,6 +964,7 @@ impl Inner {
             opts,
             cumulative: false,
             current: Some(first),
+            room: None,
         }
         .stream())
     }
@@ -1030,7 +1046,33 @@ impl Resubscribing {
                 }
                 continue;
             };
-            match consumer.next().await {
+            let next = match &mut self.room {
+                None => consumer.next().await,
+                Some((room, extras)) => {
+                    if let Err(e) = extras.fit(&self.inner, room).await {
+                        tracing::warn!(source = ?self.source, error = %e, "cannot make room for jobs set aside");
+                    }
+                    let extra = async {
+                        match extras.consumers.next().await {
+                            Some(d) => d,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        main = consumer.next() => main,
+                        d = extra => match d {
+                            Ok(d) => return Ok(self.delivery(d)),
+                            Err(e) => {
+                                // Its channel is gone; the next fit opens another.
+                                tracing::warn!(source = ?self.source, error = %e, "extra consumer lost");
+                                continue;
+                            }
+                        },
+                        _ = room.changed() => continue,
+                    }
+                }
+            };
+            match next {
                 Some(Ok(d)) => return Ok(self.delivery(d)),
                 Some(Err(e)) => {
                     tracing::warn!(source = ?self.source, error = %e, "consumer lost; re-subscribing");
@@ -1064,6 +1106,7 @@ impl Resubscribing {
                 cumulative: self.cumulative,
                 kind,
                 transport: self.inner.clone(),
+                room: self.room.as_ref().map(|(room, _)| room.clone()),
             }),
         )
     }
@@ -1083,6 +1126,7 @@ struct AmqpAcker {
     cumulative: bool,
     kind: String,
     transport: Arc<Inner>,
+    room: Option<Arc<room::Room>>,
 }
 
 impl AmqpAcker {
@@ -1178,6 +1222,10 @@ impl Acker for AmqpAcker {
     fn cumulative(&self) -> bool {
         self.cumulative
     }
+    fn set_aside(&self) -> Option<super::Aside> {
+        let room = self.room.as_ref()?;
+        Some(Box::new(room.set_aside()))
+    }
 }
 
 #[async_trait]
@@ -1206,12 +1254,17 @@ impl Transport for AmqpTransport {
         // The first attempt's error is the caller's (a missing permission, say); once consuming,
         // a lost connection is re-opened, re-declared and re-subscribed with the same prefetch.
         let first = bounded("consume", self.inner.open_consumer(&source, opts)).await?;
+        let room = self
+            .inner
+            .job_source_queue(&source)
+            .map(|queue| (Arc::default(), room::Extras::new(queue)));
         Ok(Resubscribing {
             inner: self.inner.clone(),
             source: Feed::Source(source),
             opts,
             cumulative,
             current: Some(first),
+            room,
         }
         .stream())
     }
@@ -1600,5 +1653,6 @@ impl Transport for AmqpTransport {
 }
 mod pool;
 pub mod raw;
+mod room;
 
 use pool::{amqp_error, pool_error, ChannelManager, ConnectionManager};
