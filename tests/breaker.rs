@@ -18,6 +18,7 @@ use std::time::Duration;
 both_brokers!(
     breaker_opens_holds_jobs_and_closes_after_recovery,
     a_worker_started_while_a_breaker_is_open_learns_it,
+    a_worker_started_after_the_opener_is_gone_learns_it_from_another,
 );
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -211,5 +212,124 @@ async fn a_worker_started_while_a_breaker_is_open_learns_it(broker: Broker) {
     assert!(results.iter().all(|r| r.succeeded()), "{results:?}");
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(15), second).await;
+    stack.stop().await;
+}
+
+/// The worker whose breaker opened stops while the breaker is open; a worker that starts after
+/// that learns the open breaker from one that had followed it, and runs nothing before its end.
+async fn a_worker_started_after_the_opener_is_gone_learns_it_from_another(broker: Broker) {
+    use conveyor::transport;
+    use conveyor::worker;
+    use tokio_util::sync::CancellationToken;
+
+    let mut breakers = HashMap::new();
+    breakers.insert(
+        "flaky".to_string(),
+        BreakerConfig::parse("3/8s/1").expect("config"),
+    );
+    let config = WorkerConfig {
+        concurrency: 2,
+        breakers,
+        ..test_worker_config()
+    };
+    // The stack's own worker takes only `echo`: the kind's workers are the three below.
+    let stack = Stack::start(
+        broker,
+        WorkerConfig {
+            kinds: Some(vec!["echo".into()]),
+            ..test_worker_config()
+        },
+    )
+    .await;
+    let start = |id: &str, calls: Arc<AtomicU32>, down: bool| {
+        let (config, ns) = (config.clone(), stack.ns.clone());
+        let id = id.to_string();
+        async move {
+            let mut registry = builtin::registry();
+            registry.register("flaky", flaky(calls, Arc::new(AtomicBool::new(down))));
+            let t = transport::connect(&broker.url(), &ns)
+                .await
+                .expect("connects");
+            let stop = CancellationToken::new();
+            let config = WorkerConfig {
+                worker_id: id,
+                kinds: Some(vec!["flaky".into()]),
+                ..config
+            };
+            let task = tokio::spawn(worker::run(t, registry, config, stop.clone(), stop.clone()));
+            (task, stop)
+        }
+    };
+    let mut events = stack
+        .client
+        .transport()
+        .listen_events("flaky.*")
+        .await
+        .expect("listen");
+    let mut waiter = stack.client.waiter().await.expect("waiter");
+    let reply = waiter.address().to_string();
+    let spec = |i: u32| {
+        JobSpec::new("flaky", json!(i))
+            .max_attempts(20)
+            .reply_to(&reply)
+    };
+    let opener_calls = Arc::new(AtomicU32::new(0));
+    let (opener, stop_opener) = start("opener", opener_calls, true).await;
+    // Its queue exists once it beats (RabbitMQ would route earlier jobs to the unrouted queue).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while common::http_get(stack.http, "/stats").await.1["workers"].as_u64() != Some(2) {
+        assert!(tokio::time::Instant::now() < deadline, "the opener beats");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ids = common::cluster::publish_all(&stack.client, (0..3).map(spec).collect()).await;
+    let until_ms = loop {
+        let msg = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("breaker-open in time")
+            .expect("events open");
+        if let Ok(ev) = serde_json::from_slice::<BreakerEvent>(&msg.body) {
+            if ev.state == "breaker-open" {
+                break ev.until_ms.expect("an open breaker says until when");
+            }
+        }
+    };
+    // A second worker hears the opener, then the opener stops.
+    let calls = Arc::new(AtomicU32::new(0));
+    let (second, stop_second) = start("second", calls.clone(), false).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    stop_opener.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), opener)
+        .await
+        .expect("the opener stops");
+    // A third starts with only the second to hear.
+    let (third, stop_third) = start("third", calls.clone(), false).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    ids.extend(common::cluster::publish_all(&stack.client, (3..11).map(spec).collect()).await);
+    let first_call = async {
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        conveyor::job::now_ms()
+    };
+    let left = until_ms.saturating_sub(conveyor::job::now_ms());
+    let early = tokio::time::timeout(Duration::from_millis(left.saturating_sub(300)), first_call)
+        .await
+        .ok();
+    eprintln!(
+        "{broker:?}: breaker open until {until_ms}, the opener gone; first call of the others: {:?} ({} ms before the end)",
+        early,
+        early.map(|at| until_ms.saturating_sub(at)).unwrap_or(0)
+    );
+    assert!(
+        early.is_none(),
+        "a worker ran a job of the open kind after its opener had gone"
+    );
+    let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
+    assert_eq!(results.len(), 11);
+    assert!(results.iter().all(|r| r.succeeded()), "{results:?}");
+    stop_second.cancel();
+    stop_third.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), second).await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), third).await;
     stack.stop().await;
 }

@@ -370,13 +370,16 @@ impl Breaker {
         }
     }
 
-    /// Opens until `until` (another worker's breaker opened), unless it is open already.
-    pub fn trip_until(&self, until: Instant) {
+    /// Opens until `until` (another worker's breaker opened), unless it is open already. True
+    /// when it opened.
+    pub fn trip_until(&self, until: Instant) -> bool {
         let mut s = self.lock();
         if matches!(*s, State::Closed { .. }) && until > Instant::now() {
             *s = State::Open { until };
             tracing::warn!(kind = %self.kind, "circuit open: another worker's breaker opened");
+            return true;
         }
+        false
     }
 
     /// How long it stays open from now (zero when not open).
@@ -481,26 +484,37 @@ pub fn announce(
             {
                 tracing::debug!(error = %e, "breaker event not sent");
             }
-            // An open breaker is said again every REPEAT_OPEN until its end, so that a worker
-            // that starts meanwhile learns it (broadcasts are not kept).
-            loop {
-                if let Err(e) = transport.broadcast(&topic(&event.kind), msg.clone()).await {
-                    tracing::debug!(error = %e, "breaker state not broadcast");
-                }
-                let left = event
-                    .until_ms
-                    .unwrap_or(0)
-                    .saturating_sub(crate::job::now_ms());
-                if left <= REPEAT_OPEN.as_millis() as u64 {
-                    break;
-                }
-                tokio::select! {
-                    _ = stopped.cancelled() => break,
-                    _ = tokio::time::sleep(REPEAT_OPEN) => {}
-                }
-            }
+            say_while_open(transport.as_ref(), &event, &stopped).await;
         });
     })
+}
+
+/// Broadcasts `event` on the worker-only [`topic`], and again every second while the breaker it
+/// opened is open (until its `until_ms`, or `stopped`): broadcasts are not kept, so a worker that
+/// starts meanwhile learns it from these. Every worker whose breaker is open says it, the one
+/// that opened it and those that followed, so it is heard after the opener has gone.
+pub async fn say_while_open(
+    transport: &dyn crate::transport::Transport,
+    event: &BreakerEvent,
+    stopped: &tokio_util::sync::CancellationToken,
+) {
+    let msg = event.to_message();
+    loop {
+        if let Err(e) = transport.broadcast(&topic(&event.kind), msg.clone()).await {
+            tracing::debug!(error = %e, "breaker state not broadcast");
+        }
+        let left = event
+            .until_ms
+            .unwrap_or(0)
+            .saturating_sub(crate::job::now_ms());
+        if left <= REPEAT_OPEN.as_millis() as u64 {
+            break;
+        }
+        tokio::select! {
+            _ = stopped.cancelled() => break,
+            _ = tokio::time::sleep(REPEAT_OPEN) => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -564,6 +564,7 @@ async fn follow_breaker(
     stop: CancellationToken,
 ) {
     let pattern = breaker::topic(breaker.kind());
+    let (say, stopped) = (transport.clone(), stop.clone());
     let subscribe = move || {
         let (transport, pattern) = (transport.clone(), pattern.clone());
         async move { transport.listen(&pattern).await }
@@ -578,7 +579,13 @@ async fn follow_breaker(
                 .until_ms
                 .unwrap_or(0)
                 .saturating_sub(crate::job::now_ms());
-            breaker.trip_until(std::time::Instant::now() + Duration::from_millis(left));
+            if breaker.trip_until(std::time::Instant::now() + Duration::from_millis(left)) {
+                // Said on by this worker too, for workers that start after the opener has gone.
+                let (say, stopped) = (say.clone(), stopped.clone());
+                tokio::spawn(async move {
+                    breaker::say_while_open(say.as_ref(), &ev, &stopped).await;
+                });
+            }
         }
     }
 }
