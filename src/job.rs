@@ -285,10 +285,7 @@ impl JobMeta {
             codec,
             group,
             chain_rest,
-            dedup_key: h
-                .get(header::DEDUP_KEY)
-                .map(str::to_string)
-                .filter(|k| !k.is_empty()),
+            dedup_key: dedup_key_of(h).map(str::to_string),
         })
     }
 
@@ -345,6 +342,11 @@ impl JobError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, JobError::Retry { .. } | JobError::Timeout(_))
     }
+}
+
+/// The singleflight key a job's headers carry (`Conveyor-Dedup-Key`; an empty one is none).
+pub fn dedup_key_of(h: &Headers) -> Option<&str> {
+    h.get(header::DEDUP_KEY).filter(|k| !k.is_empty())
 }
 
 #[cfg(test)]

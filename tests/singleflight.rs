@@ -20,6 +20,7 @@ both_brokers!(
     cancel_is_outside_singleflight_and_timeout_inside,
     waiting_jobs_take_no_slots_and_all_share_one_run,
     past_its_places_to_wait_a_job_waits_in_a_slot,
+    a_cancelled_leader_with_every_place_and_slot_taken_leaves_no_job_stuck,
 );
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -430,4 +431,90 @@ async fn past_its_places_to_wait_a_job_waits_in_a_slot(broker: Broker) {
         "the jobs taken after the first run ran the handler again"
     );
     assert_eq!(outputs, vec![1, 1, 1, 2, 2], "three shared the first run");
+}
+
+/// One place to wait and two slots, four jobs with one key: the leader runs in a slot, the second
+/// waits in the place, the third waits in the other slot and the fourth in the broker. The leader
+/// is cancelled: one job waiting takes the run over (a new leader needs a slot before it leads,
+/// so no job waits in a slot for one that waits for a slot), the others wait for that run, and
+/// all end.
+async fn a_cancelled_leader_with_every_place_and_slot_taken_leaves_no_job_stuck(broker: Broker) {
+    let url = broker.url();
+    let ns = common::unique_ns("s");
+    let runs = Arc::new(AtomicU32::new(0));
+    let stop = CancellationToken::new();
+    let mut registry = Registry::new();
+    let counter = runs.clone();
+    registry.register(
+        "slow-count",
+        handler_fn(move |_: Value, ctx: JobContext| {
+            let counter = counter.clone();
+            async move {
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(1500)) => {}
+                    _ = ctx.cancel.cancelled() => return Err(JobError::Cancelled),
+                }
+                Ok::<_, JobError>(json!({ "run": n }))
+            }
+        }),
+    );
+    let transport = conveyor::transport::connect(&url, &ns)
+        .await
+        .expect("worker connects");
+    let config = WorkerConfig {
+        concurrency: 2,
+        max_followers: 1,
+        ..test_worker_config()
+    };
+    let worker = tokio::spawn(conveyor::worker::run(
+        transport,
+        registry,
+        config,
+        stop.clone(),
+        CancellationToken::new(),
+    ));
+    let client = conveyor::Client::connect(&url, &ns).await.expect("client");
+    let mut waiter = client.waiter().await.expect("waiter");
+    let reply = waiter.address().to_string();
+    let spec = |id: &str| {
+        JobSpec::new("slow-count", json!({}))
+            .id(id)
+            .dedup_key("cancelled-lead")
+            .max_attempts(1)
+            .reply_to(&reply)
+    };
+    let mut ids = common::cluster::publish_all(&client, vec![spec("lead")]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ids.extend(
+        common::cluster::publish_all(&client, vec![spec("w1"), spec("w2"), spec("w3")]).await,
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client
+        .cancel(&conveyor::worker::cancel::CancelRequest::job("lead"))
+        .await
+        .expect("cancel");
+    let results = waiter.wait_for(&ids, Duration::from_secs(20), |_| {}).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(WAIT, worker).await;
+    let _ = client.close().await;
+    common::delete_namespace(broker, &ns, &["slow-count".to_string()]);
+    let statuses: std::collections::BTreeMap<_, _> = results
+        .iter()
+        .map(|r| (r.id.clone(), r.status.clone()))
+        .collect();
+    eprintln!(
+        "cancelled leader: {statuses:?}, {} run(s)",
+        runs.load(Ordering::SeqCst)
+    );
+    assert_eq!(results.len(), 4, "every job ended: {statuses:?}");
+    assert_eq!(statuses["lead"], "cancelled");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the three jobs waiting shared one run after the cancelled one"
+    );
+    for id in ["w1", "w2", "w3"] {
+        assert_eq!(statuses[id], "succeeded", "{statuses:?}");
+    }
 }

@@ -9,10 +9,10 @@
 //! takes over. The outcome is broadcast before the claim is released, and a worker that gets the
 //! claim first waits briefly for an outcome already on its way.
 //!
-//! The worker enters a job's key when it takes the job from the broker ([`Flights::enter`]): the
-//! first job of a key in this worker holds its lead ([`LocalLead`]) and runs as any job, with a
-//! slot; the jobs delivered while it runs wait for its outcome without a slot
-//! ([`super::follow`]).
+//! A job taken from the broker while a job of this worker leads its key waits for that outcome
+//! without a slot ([`super::follow`]). Any other job with a key gets a slot first, then enters the
+//! key ([`Flights::enter`]): the first holds its lead in this worker ([`LocalLead`]). So every
+//! leader holds a slot, and jobs waiting in slots never wait for one that waits for a slot.
 
 use super::controls::{Control, Next};
 use super::registry::Job;
@@ -59,6 +59,8 @@ fn shared_outcome(r: &Outcome) -> bool {
 pub struct Flights {
     local: Mutex<HashMap<String, Local>>,
     tickets: AtomicU64,
+    /// Told when a job takes the lead of a key here.
+    led: tokio::sync::Notify,
 }
 
 /// A key in flight in this worker: the ticket of the job that leads it, and its outcome to be.
@@ -119,6 +121,7 @@ impl Flights {
                         outcome: Arc::new(watch::channel(None).0),
                     },
                 );
+                self.led.notify_waiters();
                 Entered::Lead(LocalLead {
                     flights: self.clone(),
                     hash: h,
@@ -128,9 +131,15 @@ impl Flights {
         }
     }
 
-    /// Keys in flight in this worker.
-    pub fn in_flight(&self) -> usize {
-        self.lock().len()
+    /// The outcome to be of `key`'s run in this worker, if a job leads it here.
+    pub fn following(&self, key: &str) -> Option<watch::Receiver<Option<Outcome>>> {
+        self.lock().get(&hash(key)).map(|l| l.outcome.subscribe())
+    }
+
+    /// Resolves once a job takes the lead of a key here after `led` was called (enable it, then
+    /// look with [`Flights::following`], then await it).
+    pub fn led(&self) -> tokio::sync::futures::Notified<'_> {
+        self.led.notified()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Local>> {
@@ -259,6 +268,7 @@ where
                     let tx = Arc::new(watch::channel(None).0);
                     let outcome = tx.clone();
                     local.insert(h.clone(), Local { ticket, outcome });
+                    flights.led.notify_waiters();
                     Ok((ticket, tx))
                 }
             }

@@ -1,40 +1,53 @@
 //! Jobs that wait for a singleflight run in this worker without taking a slot.
 //!
 //! When the worker takes a job whose `Conveyor-Dedup-Key` another job of this worker leads
-//! ([`super::flight::Flights::enter`]), the job does not wait for a slot or its kind's admissions:
-//! it waits for the leader's outcome, and ends with it, in one of `--max-followers` places. Its
-//! delivery is held meanwhile (its lease kept alive, as for any job), and set aside
+//! ([`super::flight::Flights::following`]), the job does not wait for a slot or its kind's
+//! admissions: it waits for the leader's outcome, and ends with it, in one of `--max-followers`
+//! places. Its delivery is held meanwhile (its lease kept alive, as for any job), and set aside
 //! ([`crate::transport::Delivery::set_aside`]) so that it does not count against what the broker
 //! sends the worker. A cancel request ends it at once. When the run ends without an outcome to
-//! share (the leader was cancelled), the job takes its kind's admissions and a slot, and goes
-//! through its kind's whole stack as any job.
+//! share (the leader was cancelled), the job takes its kind's admissions and a slot as any job;
+//! then, unless another job has taken the key's lead meanwhile (it waits for that one instead),
+//! it leads the key and goes through its kind's whole stack.
 
-use super::cancel::JobKeys;
+use super::cancel::{JobKeys, Tracked};
 use super::controls::{self, Next};
 use super::flight::{follow_local, Entered};
 use super::registry::Job;
-use super::Shared;
+use super::{process, Shared};
+use crate::events::JobState;
 use crate::job::JobError;
 use crate::transport::Aside;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceExt};
 
 /// How many jobs may wait for a run in one worker, by default.
 pub const DEFAULT_MAX_FOLLOWERS: usize = 256;
+
+/// The outcome to be of the run a job waits for.
+pub(crate) type Run = watch::Receiver<Option<Result<Value, JobError>>>;
+
+/// What a waiting job holds until it is called.
+struct Waiting {
+    key: String,
+    run: Run,
+    aside: Option<Aside>,
+}
 
 /// The service a waiting job runs through in place of its kind's stack (see the module docs).
 pub(crate) fn service(
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
     key: String,
+    run: Run,
     aside: Option<Aside>,
 ) -> Next {
-    let aside = Arc::new(Mutex::new(aside));
+    let waiting = Arc::new(Mutex::new(Some(Waiting { key, run, aside })));
     let svc = tower::service_fn(move |job: Job| {
-        let aside = aside.lock().unwrap_or_else(|p| p.into_inner()).take();
-        follow(shared.clone(), slots.clone(), key.clone(), aside, job)
+        let waiting = waiting.lock().unwrap_or_else(|p| p.into_inner()).take();
+        follow(shared.clone(), slots.clone(), waiting, job)
     });
     Next::new(svc)
 }
@@ -42,10 +55,12 @@ pub(crate) fn service(
 async fn follow(
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
-    key: String,
-    aside: Option<Aside>,
+    waiting: Option<Waiting>,
     job: Job,
 ) -> Result<Value, JobError> {
+    let Some(Waiting { key, run, aside }) = waiting else {
+        return Err(JobError::retry("a waiting job was called twice"));
+    };
     let tracked = shared.cancels.track(JobKeys::of(&job.meta));
     if tracked.token.is_cancelled() {
         return Err(JobError::CancelRequested(format!(
@@ -53,36 +68,81 @@ async fn follow(
             tracked.reason()
         )));
     }
-    let lead = loop {
-        match shared.flights.enter(&key) {
-            Entered::Lead(lead) => break lead,
-            Entered::Follow(outcome) => {
-                tokio::select! {
-                    shared_outcome = follow_local(outcome, &job.cancel) => {
-                        if let Some(outcome) = shared_outcome {
-                            return outcome;
-                        }
-                    }
-                    _ = tracked.token.cancelled() => {
-                        return Err(JobError::CancelRequested(tracked.reason()));
-                    }
-                }
-            }
-        }
-    };
-    // The run ended with nothing to share: this job runs as any other, leading the key here.
-    drop((tracked, aside));
-    let Some(mut svc) = shared.stacks.get(&job.meta.kind).map(|s| s.service()) else {
+    shared.events.emit(process::job_event(
+        &job.meta,
+        &shared.config.worker_id,
+        JobState::Started,
+        None,
+    ));
+    let Some(stack) = shared.stacks.get(&job.meta.kind) else {
         return Err(JobError::permanent(format!(
             "unknown job kind {:?}",
             job.meta.kind
         )));
     };
-    svc.ready().await?;
-    let slot = slots
-        .acquire_owned()
-        .await
-        .map_err(|_| JobError::retry("the worker is stopping"))?;
+    let mut run = Some(run);
+    let (svc, slot) = loop {
+        if let Some(run) = run.take() {
+            let shared_outcome = cancellable(&tracked, follow_local(run, &job.cancel)).await?;
+            if let Some(outcome) = shared_outcome {
+                return outcome;
+            }
+        }
+        // The run ended with nothing to share: this job takes admissions and a slot as any job,
+        // unless a job of this worker takes the key's lead meanwhile (it waits for that one).
+        let led = shared.flights.led();
+        tokio::pin!(led);
+        led.as_mut().enable();
+        if let Some(again) = shared.flights.following(&key) {
+            run = Some(again);
+            continue;
+        }
+        let admitted = async {
+            let mut svc = stack.service();
+            svc.ready().await?;
+            let slot = slots.clone().acquire_owned().await;
+            let slot = slot.map_err(|_| JobError::retry("the worker is stopping"))?;
+            Ok::<_, JobError>((svc, slot))
+        };
+        let admitted = tokio::select! {
+            admitted = cancellable(&tracked, admitted) => admitted??,
+            _ = led => {
+                run = shared.flights.following(&key);
+                continue;
+            }
+        };
+        match shared.flights.following(&key) {
+            // Another job took the lead meanwhile: wait for it, giving the slot back.
+            Some(again) => run = Some(again),
+            None => break admitted,
+        }
+    };
+    drop((tracked, aside));
+    run_holding(slot, svc, job, shared.flights.enter(&key)).await
+}
+
+/// Runs `job` through its kind's stack `svc`, admitted, holding `slot` until it is settled.
+async fn run_holding(
+    slot: OwnedSemaphorePermit,
+    mut svc: Next,
+    job: Job,
+    entered: Entered,
+) -> Result<Value, JobError> {
     controls::hold_until_settled(Box::new(slot));
-    lead.run(svc.call(job)).await
+    match entered {
+        Entered::Lead(lead) => lead.run(svc.call(job)).await,
+        // Taken just now: the singleflight control waits for it, in this job's slot.
+        Entered::Follow(_) => svc.call(job).await,
+    }
+}
+
+/// Awaits `fut` unless a cancel request names the job first.
+async fn cancellable<T>(
+    tracked: &Tracked,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, JobError> {
+    tokio::select! {
+        v = fut => Ok(v),
+        _ = tracked.token.cancelled() => Err(JobError::CancelRequested(tracked.reason())),
+    }
 }

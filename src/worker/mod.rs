@@ -457,29 +457,22 @@ async fn pump(
                 break;
             }
         };
-        let lead = match enter_flight(&shared, &delivery) {
-            Some(flight::Entered::Lead(lead)) => Some(lead),
-            Some(flight::Entered::Follow(_)) => {
-                match slots.following.clone().try_acquire_owned() {
-                    Ok(place) => {
-                        let key = delivery
-                            .message
-                            .headers
-                            .get(crate::protocol::header::DEDUP_KEY);
-                        let key = key.unwrap_or_default().to_string();
-                        let aside = delivery.set_aside();
-                        let svc =
-                            follow::service(shared.clone(), slots.running.clone(), key, aside);
-                        let job = (delivery, Box::new(place) as controls::Held, None);
-                        spawn_job(&jobs, &shared, job, &abandon, Some(svc));
-                        continue;
-                    }
-                    // Every place is taken: it waits holding a slot.
-                    Err(_) => None,
-                }
+        // A job whose key a job of this worker leads waits for that run without a slot.
+        let key = flight_key(&shared, &delivery);
+        if let Some((key, run)) = key
+            .as_ref()
+            .and_then(|k| Some((k.clone(), shared.flights.following(k)?)))
+        {
+            if let Ok(place) = slots.following.clone().try_acquire_owned() {
+                let aside = delivery.set_aside();
+                let running = slots.running.clone();
+                let svc = follow::service(shared.clone(), running, key, run, aside);
+                let job = (delivery, Box::new(place) as controls::Held, None);
+                spawn_job(&jobs, &shared, job, &abandon, Some(svc));
+                continue;
             }
-            None => None,
-        };
+            // Every place is taken: it waits in a slot.
+        }
         let svc = match (admitted.take(), shared.stacks.get(&delivery.kind)) {
             (Some(svc), _) => Some(svc),
             (None, None) => None,
@@ -502,6 +495,11 @@ async fn pump(
             let _ = delivery.nack().await;
             break;
         };
+        // With its slot, it leads its key here unless a job of this worker does.
+        let lead = key.and_then(|k| match shared.flights.enter(&k) {
+            flight::Entered::Lead(lead) => Some(lead),
+            flight::Entered::Follow(_) => None,
+        });
         let job = (delivery, Box::new(permit) as controls::Held, lead);
         spawn_job(&jobs, &shared, job, &abandon, svc);
     }
@@ -513,16 +511,13 @@ async fn pump(
     }
 }
 
-/// Enters the delivery's singleflight key, if it has one and this worker runs its kind.
-fn enter_flight(shared: &Arc<Shared>, delivery: &Delivery) -> Option<flight::Entered> {
-    let key = delivery
-        .message
-        .headers
-        .get(crate::protocol::header::DEDUP_KEY)?;
+/// The delivery's singleflight key, if it has one and this worker runs its kind.
+fn flight_key(shared: &Shared, delivery: &Delivery) -> Option<String> {
+    let key = crate::job::dedup_key_of(&delivery.message.headers)?;
     shared
         .stacks
         .contains_key(&delivery.kind)
-        .then(|| shared.flights.enter(key))
+        .then(|| key.to_string())
 }
 
 /// Runs a delivery as a job task, holding `place` (a slot, or a place to wait in) until it is

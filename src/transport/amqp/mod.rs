@@ -923,7 +923,7 @@ struct Resubscribing {
     cumulative: bool,
     current: Option<(lapin::Channel, lapin::Consumer)>,
     /// For a job source: its deliveries set aside, and the consumers that make room for them.
-    room: Option<(Arc<room::Room>, room::Extras)>,
+    room: Option<room::Extras>,
 }
 
 /// What a [`Resubscribing`] consumer reads.
@@ -1048,10 +1048,11 @@ impl Resubscribing {
             };
             let next = match &mut self.room {
                 None => consumer.next().await,
-                Some((room, extras)) => {
-                    if let Err(e) = extras.fit(&self.inner, room).await {
+                Some(extras) => {
+                    if let Err(e) = extras.fit(&self.inner).await {
                         tracing::warn!(source = ?self.source, error = %e, "cannot make room for jobs set aside");
                     }
+                    let room = extras.room.clone();
                     let extra = async {
                         match extras.consumers.next().await {
                             Some(d) => d,
@@ -1065,6 +1066,7 @@ impl Resubscribing {
                             Err(e) => {
                                 // Its channel is gone; the next fit opens another.
                                 tracing::warn!(source = ?self.source, error = %e, "extra consumer lost");
+                                room.lost();
                                 continue;
                             }
                         },
@@ -1106,7 +1108,7 @@ impl Resubscribing {
                 cumulative: self.cumulative,
                 kind,
                 transport: self.inner.clone(),
-                room: self.room.as_ref().map(|(room, _)| room.clone()),
+                room: self.room.as_ref().map(|extras| extras.room.clone()),
             }),
         )
     }
@@ -1254,10 +1256,7 @@ impl Transport for AmqpTransport {
         // The first attempt's error is the caller's (a missing permission, say); once consuming,
         // a lost connection is re-opened, re-declared and re-subscribed with the same prefetch.
         let first = bounded("consume", self.inner.open_consumer(&source, opts)).await?;
-        let room = self
-            .inner
-            .job_source_queue(&source)
-            .map(|queue| (Arc::default(), room::Extras::new(queue)));
+        let room = self.inner.job_source_queue(&source).map(room::Extras::new);
         Ok(Resubscribing {
             inner: self.inner.clone(),
             source: Feed::Source(source),

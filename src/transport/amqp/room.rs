@@ -3,45 +3,136 @@
 //! A quorum queue sends a consumer at most its prefetch of unsettled deliveries, and the prefetch
 //! of a consumer cannot change once it consumes. So while deliveries of a job consumer are set
 //! aside, the consumer opens extra consumers on the same queue, on a channel of their own, whose
-//! prefetches add up to the number set aside; when none is set aside any more it cancels them
-//! (what they hold stays on their channel, to be settled as any delivery). The extra capacity
-//! is taken in steps of [`STEP`].
+//! prefetches (in steps of [`STEP`]) cover the number set aside. When none is set aside any more
+//! they are cancelled at once, whether or not the consumer is being read (what they hold stays on
+//! their channel, to be settled as any delivery; what they had buffered is still read).
 
-use super::{amqp_error, Inner};
+use super::{amqp_error, bounded, Inner};
 use crate::error::Result;
 use futures::stream::SelectAll;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 /// The least prefetch of an extra consumer.
 const STEP: usize = 8;
 
-/// How many deliveries of one consumer are set aside.
+/// The deliveries of one consumer set aside, and the extra consumers that make room for them.
 #[derive(Default)]
 pub(super) struct Room {
-    aside: AtomicUsize,
+    state: Mutex<State>,
     changed: Notify,
 }
 
+#[derive(Default)]
+struct State {
+    aside: usize,
+    /// The channel of the extra consumers, the tags of those not cancelled, and the sum of
+    /// their prefetches.
+    ch: Option<lapin::Channel>,
+    live: Vec<ShortString>,
+    capacity: usize,
+}
+
+impl State {
+    /// Cancels the live extra consumers (in the background: this runs where no await can).
+    fn cancel_all(&mut self) {
+        self.capacity = 0;
+        let tags = std::mem::take(&mut self.live);
+        let (Some(ch), false) = (self.ch.clone(), tags.is_empty()) else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for tag in tags {
+                    let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
+                }
+            });
+        }
+    }
+}
+
 impl Room {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Counts one delivery set aside until the guard drops.
     pub(super) fn set_aside(self: &Arc<Self>) -> SetAside {
-        self.aside.fetch_add(1, Ordering::SeqCst);
+        self.lock().aside += 1;
         self.changed.notify_one();
         SetAside(self.clone())
     }
 
-    /// Deliveries set aside now.
-    fn aside(&self) -> usize {
-        self.aside.load(Ordering::SeqCst)
-    }
-
-    /// Resolves when the count changed since the last call.
+    /// Resolves when more deliveries may have been set aside since the last call.
     pub(super) async fn changed(&self) {
         self.changed.notified().await;
+    }
+
+    /// Forgets the extra consumers: their channel was lost.
+    pub(super) fn lost(&self) {
+        let mut s = self.lock();
+        s.ch = None;
+        s.live.clear();
+        s.capacity = 0;
+    }
+
+    /// Opens one more extra consumer on `queue` if what is set aside exceeds their capacity.
+    pub(super) async fn fit(
+        &self,
+        inner: &Inner,
+        queue: &str,
+        consumers: &mut SelectAll<lapin::Consumer>,
+    ) -> Result<()> {
+        let (more, ch) = {
+            let mut s = self.lock();
+            if s.ch.as_ref().is_some_and(|ch| !ch.status().connected()) {
+                // A lost channel took its consumers and their deliveries with it.
+                s.ch = None;
+                s.live.clear();
+                s.capacity = 0;
+            }
+            if s.aside <= s.capacity {
+                return Ok(());
+            }
+            (s.aside - s.capacity, s.ch.clone())
+        };
+        let ch = match ch {
+            Some(ch) => ch,
+            None => {
+                let ch = bounded("open channel", inner.channel()).await?;
+                inner.keep_consumer_channel(&ch, 1);
+                self.lock().ch = Some(ch.clone());
+                ch
+            }
+        };
+        let prefetch = u16::try_from(more.next_multiple_of(STEP)).unwrap_or(u16::MAX);
+        let consume = async {
+            ch.basic_qos(prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|e| amqp_error("basic.qos", e))?;
+            ch.basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("basic.consume", e))
+        };
+        let consumer = bounded("consume", consume).await?;
+        tracing::debug!(%queue, more, prefetch, "room made for jobs set aside");
+        let mut s = self.lock();
+        s.live.push(consumer.tag());
+        s.capacity += usize::from(prefetch);
+        if s.aside == 0 {
+            // All went while it opened.
+            s.cancel_all();
+        }
+        drop(s);
+        consumers.push(consumer);
+        Ok(())
     }
 }
 
@@ -50,80 +141,33 @@ pub(super) struct SetAside(Arc<Room>);
 
 impl Drop for SetAside {
     fn drop(&mut self) {
-        self.0.aside.fetch_sub(1, Ordering::SeqCst);
-        self.0.changed.notify_one();
+        let mut s = self.0.lock();
+        s.aside = s.aside.saturating_sub(1);
+        if s.aside == 0 {
+            s.cancel_all();
+        }
     }
 }
 
-/// The extra consumers of one job consumer.
+/// A job consumer's room, and the extra consumers it opened that have not ended yet (cancelled
+/// ones end once they have handed over what they buffered).
 pub(super) struct Extras {
+    pub(super) room: Arc<Room>,
     queue: String,
-    ch: Option<lapin::Channel>,
-    /// Tags of the extra consumers not cancelled yet, and the sum of their prefetches.
-    live: Vec<ShortString>,
-    capacity: usize,
-    /// Every extra consumer not yet ended (cancelled ones end once they have handed over what
-    /// they buffered).
     pub(super) consumers: SelectAll<lapin::Consumer>,
 }
 
 impl Extras {
     pub(super) fn new(queue: String) -> Extras {
         Extras {
+            room: Arc::default(),
             queue,
-            ch: None,
-            live: Vec::new(),
-            capacity: 0,
             consumers: SelectAll::new(),
         }
     }
 
-    /// Opens or cancels extra consumers so that their capacity covers what `room` has set aside.
-    pub(super) async fn fit(&mut self, inner: &Inner, room: &Room) -> Result<()> {
-        let aside = room.aside();
-        if aside == 0 {
-            if let Some(ch) = &self.ch {
-                for tag in self.live.drain(..) {
-                    let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
-                }
-            }
-            self.capacity = 0;
-            return Ok(());
-        }
-        if aside <= self.capacity {
-            return Ok(());
-        }
-        let ch = match &self.ch {
-            Some(ch) if ch.status().connected() => ch.clone(),
-            _ => {
-                // A lost channel took its consumers and their deliveries with it.
-                self.live.clear();
-                self.capacity = 0;
-                self.consumers = SelectAll::new();
-                let ch = inner.channel().await?;
-                inner.keep_consumer_channel(&ch, 1);
-                self.ch = Some(ch.clone());
-                ch
-            }
-        };
-        let more = (aside - self.capacity).next_multiple_of(STEP);
-        let prefetch = u16::try_from(more).unwrap_or(u16::MAX);
-        ch.basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| amqp_error("basic.qos", e))?;
-        let consumer = ch
-            .basic_consume(
-                self.queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| amqp_error("basic.consume", e))?;
-        tracing::debug!(queue = %self.queue, aside, prefetch, "room made for jobs set aside");
-        self.live.push(consumer.tag());
-        self.capacity += usize::from(prefetch);
-        self.consumers.push(consumer);
-        Ok(())
+    /// Opens an extra consumer if what is set aside exceeds the room made.
+    pub(super) async fn fit(&mut self, inner: &Inner) -> Result<()> {
+        self.room.fit(inner, &self.queue, &mut self.consumers).await
     }
 }
