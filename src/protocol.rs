@@ -123,6 +123,40 @@ pub fn validate_kind(kind: &str) -> Result<()> {
     }
 }
 
+/// The token bucket of a kind's global rate, or of one value of its rate key (`--rate-key`):
+/// `<kind>` or `<kind>~<hash of the value>` (`~` appears in no kind).
+pub fn rate_bucket(kind: &str, key: Option<&str>) -> String {
+    use sha2::{Digest, Sha256};
+    match key {
+        None => kind.to_string(),
+        Some(key) => format!(
+            "{kind}~{}",
+            hex::encode(&Sha256::digest(key.as_bytes())[..16])
+        ),
+    }
+}
+
+/// True for the bucket of one value of a rate key: the broker removes its queues and consumers
+/// once they go unused for a while.
+pub fn is_keyed_bucket(bucket: &str) -> bool {
+    bucket.contains('~')
+}
+
+/// Checks a token bucket's name (see [`rate_bucket`]).
+pub fn validate_bucket(bucket: &str) -> Result<()> {
+    match bucket.split_once('~') {
+        None => validate_kind(bucket),
+        Some((kind, hash)) => {
+            validate_kind(kind)?;
+            if hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("invalid rate bucket {bucket:?}")))
+            }
+        }
+    }
+}
+
 /// Checks that a job's NATS reply address `to` is a reply address: a plain subject (no
 /// wildcard, no white space or control character, at most 255 bytes) that begins with
 /// `reply_prefix` (the clients' inbox prefix, `_INBOX.` by default) and is neither the
@@ -320,6 +354,23 @@ pub fn consumer_name_for_kind(kind: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_rate_keys_value_has_a_bucket_no_kind_can_name() {
+        let b = rate_bucket("fetch", Some("acme"));
+        assert!(
+            b.starts_with("fetch~") && b.len() == "fetch~".len() + 32,
+            "{b}"
+        );
+        assert_eq!(b, rate_bucket("fetch", Some("acme")));
+        assert_ne!(b, rate_bucket("fetch", Some("globex")));
+        assert_eq!(rate_bucket("fetch", None), "fetch");
+        assert!(is_keyed_bucket(&b) && !is_keyed_bucket("fetch"));
+        assert!(validate_bucket(&b).is_ok() && validate_bucket("fetch").is_ok());
+        assert!(validate_kind(&b).is_err(), "no kind is a keyed bucket");
+        assert!(validate_bucket("fetch~nothex").is_err());
+        assert!(validate_bucket("bad kind~00").is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -19,6 +19,7 @@ both_brokers!(
     a_cluster_concurrency_cap_holds_across_three_worker_processes,
     a_full_job_store_refuses_new_jobs_and_loses_none,
     a_global_rate_holds_from_a_cold_start_through_a_kill_and_a_join,
+    a_rate_key_gives_each_value_the_rate,
 );
 
 /// Polls `/stats` until `results` reaches `n`; returns when it did.
@@ -519,5 +520,133 @@ async fn a_global_rate_holds_from_a_cold_start_through_a_kill_and_a_join(broker:
     assert!(
         failures.is_empty(),
         "windows outside 90..=111 jobs: {failures:?}"
+    );
+}
+
+/// `--rate hash=10/s --rate-key hash=X-Customer` on two worker processes, 100 jobs of each of two
+/// customers queued before them, interleaved: each customer's jobs start at 10 a second (within
+/// 10 %, plus the burst of 1, in every 3-second window after the first second), both customers
+/// at once, and a third customer published during the run is not held behind them.
+async fn a_rate_key_gives_each_value_the_rate(broker: Broker) {
+    use conveyor::events::JobEvent;
+    use conveyor::transport::{ConsumeOptions, Source};
+    use futures::StreamExt;
+
+    const EACH: usize = 100;
+    let cluster = Cluster::new(broker);
+    let _aggregator = cluster.aggregator("aggregator").await;
+    let client = cluster.client().await;
+    drop(
+        client
+            .transport()
+            .consume(Source::Kind("hash".into()), ConsumeOptions::default())
+            .await
+            .expect("declared"),
+    );
+    let mut events = client
+        .transport()
+        .listen_events("hash.started")
+        .await
+        .expect("listen");
+    let job = |customer: &str, i: usize| {
+        let mut spec = JobSpec::new(
+            "hash",
+            json!({"data": format!("{customer}-{i}"), "rounds": 1}),
+        );
+        spec.headers.insert("X-Customer", customer);
+        spec
+    };
+    let specs = (0..EACH)
+        .flat_map(|i| [job("acme", i), job("globex", i)])
+        .collect();
+    let mut customer: HashMap<String, &str> = HashMap::new();
+    for (n, id) in common::cluster::publish_all(&client, specs)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        customer.insert(id, if n % 2 == 0 { "acme" } else { "globex" });
+    }
+    let args = [
+        "--kinds",
+        "hash",
+        "--rate",
+        "hash=10/s",
+        "--rate-key",
+        "hash=X-Customer",
+    ];
+    let _workers: Vec<_> = (0..2)
+        .map(|n| cluster.worker(&format!("worker-{n}"), &args))
+        .collect();
+    let mut starts: HashMap<&str, Vec<u64>> = HashMap::new();
+    let mut first: Option<u64> = None;
+    let mut late: Option<(Vec<String>, u64)> = None;
+    let mut initech_started = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let all = 2 * EACH + 5;
+    while starts.values().map(Vec::len).sum::<usize>() + initech_started.len() < all {
+        let msg = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("jobs started in 90 s: {starts:?}"))
+            .expect("events open");
+        let Some(e) = JobEvent::from_message(&msg) else {
+            continue;
+        };
+        let t0 = *first.get_or_insert(e.at_ms);
+        if let Some(c) = customer.get(&e.id) {
+            starts.entry(c).or_default().push(e.at_ms - t0);
+        } else if late.as_ref().is_some_and(|(ids, _)| ids.contains(&e.id)) {
+            initech_started.push(e.at_ms - t0);
+        }
+        if late.is_none() && e.at_ms - t0 >= 3_000 {
+            // A third customer comes while the two others have most of their jobs waiting.
+            let specs = (0..5).map(|i| job("initech", i)).collect();
+            let ids = common::cluster::publish_all(&client, specs).await;
+            late = Some((ids, e.at_ms - t0));
+        }
+    }
+    let (_, late_at) = late.expect("published the third customer's jobs");
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for (c, at) in &starts {
+        let last = at.iter().max().copied().unwrap_or(0);
+        let mut from = 1_000;
+        while from + 3_000 <= last {
+            let n = at
+                .iter()
+                .filter(|t| (from..from + 3_000).contains(*t))
+                .count();
+            report.push(format!(
+                "{c} {:.0}-{:.0} s: {n}",
+                from as f64 / 1e3,
+                (from + 3_000) as f64 / 1e3
+            ));
+            if !(27..=34).contains(&n) {
+                failures.push(format!("{c}: {n} in {from}..{} ms", from + 3_000));
+            }
+            from += 3_000;
+        }
+        report.push(format!("{c}: all {EACH} in {:.1} s", last as f64 / 1e3));
+    }
+    let initech_done = initech_started.iter().max().copied().unwrap_or(0);
+    eprintln!(
+        "{broker:?} --rate hash=10/s --rate-key hash=X-Customer, 2 workers, 2 x {EACH} jobs: {}; \
+         5 jobs of a third customer published at {:.1} s all started by {:.1} s",
+        report.join(", "),
+        late_at as f64 / 1e3,
+        initech_done as f64 / 1e3
+    );
+    assert!(failures.is_empty(), "windows off the rate: {failures:?}");
+    for c in ["acme", "globex"] {
+        let last = starts[c].iter().max().copied().unwrap_or(0);
+        assert!(
+            (8_000..=12_500).contains(&last),
+            "{c}'s {EACH} jobs at 10/s, alongside the other's, took {last} ms"
+        );
+    }
+    assert!(
+        initech_done < late_at + 2_500,
+        "the third customer's 5 jobs (a token each at 10/s) were not held behind the others' \
+         ({late_at} ms -> {initech_done} ms)"
     );
 }

@@ -337,6 +337,10 @@ pub trait Transport: Send + Sync + 'static {
     async fn delete_namespace(&self, kinds: &[String]) -> Result<()>;
 }
 
+/// How long the broker keeps the token queue, pacer queue and consumers of one value of a rate
+/// key (see [`crate::protocol::rate_bucket`]) once nobody uses them.
+pub const KEYED_BUCKET_IDLE: Duration = Duration::from_secs(600);
+
 /// How long a JetStream singleflight claim lives without a refresh.
 pub const FLIGHT_TTL: Duration = Duration::from_secs(6);
 

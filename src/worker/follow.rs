@@ -122,7 +122,7 @@ async fn follow(
 }
 
 /// Runs `job` through its kind's stack `svc`, admitted, holding `slot` until it is settled.
-async fn run_holding(
+pub(crate) async fn run_holding(
     slot: OwnedSemaphorePermit,
     mut svc: Next,
     job: Job,
@@ -137,7 +137,7 @@ async fn run_holding(
 }
 
 /// Awaits `fut` unless a cancel request names the job first.
-async fn cancellable<T>(
+pub(crate) async fn cancellable<T>(
     tracked: &Tracked,
     fut: impl std::future::Future<Output = T>,
 ) -> Result<T, JobError> {

@@ -7,7 +7,8 @@
 //! - `--worker-rate KIND=N/s`: at most N jobs a second started by this worker (governor);
 //! - `--rate KIND=N/s`: at most N a second across every worker of the namespace that serves the
 //!   kind: a token of the kind's bucket on the broker per job, filled one token per tick of the
-//!   rate (see [`super::pacer`]).
+//!   rate (see [`super::pacer`]); with `--rate-key KIND=HEADER`, at most N a second for each
+//!   value of the job header HEADER, taken before the job's admissions ([`super::rated`]).
 //!
 //! Rates are `N/s`, `N/m` or `N/h`, optionally with a burst: `50/s@10` (default burst 1: evenly
 //! spaced).
@@ -111,17 +112,19 @@ pub struct RateControl {
 
 impl RateControl {
     /// The rate control for `limits`, with `global` the kind's tokens when it has a global
-    /// rate; `None` when it sets no rate.
+    /// rate, unless the rate is `keyed` (`--rate-key`: its tokens are taken before the job's
+    /// admissions, see [`super::rated`]); `None` when it sets no rate here.
     pub fn new(
         limits: &KindLimits,
         global: Option<super::pacer::Tokens>,
+        keyed: bool,
     ) -> Result<Option<RateControl>> {
         let bad = |what: &str| Error::Config(format!("invalid {what}"));
         let worker = match &limits.worker_rate {
             Some(r) => Some(r.limiter().ok_or_else(|| bad("--worker-rate"))?),
             None => None,
         };
-        if limits.rate.is_some() != global.is_some() {
+        if (limits.rate.is_some() && !keyed) != global.is_some() {
             return Err(Error::Config(
                 "a global rate needs the kind's tokens (and tokens a global rate)".into(),
             ));
@@ -316,16 +319,18 @@ mod tests {
         );
         assert!(parse_kind_value("hash", Rate::parse).is_err());
         let none = KindLimits::default();
-        assert!(matches!(RateControl::new(&none, None), Ok(None)));
+        assert!(matches!(RateControl::new(&none, None, false), Ok(None)));
         // A global rate without the kind's tokens is a wiring mistake, named.
         let global = KindLimits {
             rate: Rate::parse("5/s").ok(),
             ..KindLimits::default()
         };
         assert!(matches!(
-            RateControl::new(&global, None),
+            RateControl::new(&global, None, false),
             Err(Error::Config(_))
         ));
+        // A keyed global rate takes its tokens before the admissions: none here.
+        assert!(matches!(RateControl::new(&global, None, true), Ok(None)));
         assert!(matches!(ConcurrencyControl::new(&none), Ok(None)));
     }
 
@@ -337,6 +342,7 @@ mod tests {
                 ..KindLimits::default()
             },
             None,
+            false,
         )
         .expect("valid")
         .expect("a rate");

@@ -17,6 +17,7 @@ pub mod pacer;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod process;
+pub mod rated;
 pub mod registry;
 pub mod resources;
 mod stacks;
@@ -60,6 +61,8 @@ pub struct WorkerConfig {
     pub kind_timeouts: HashMap<String, Duration>,
     /// Concurrency and rate limits per kind.
     pub kind_limits: HashMap<String, limits::KindLimits>,
+    /// Per kind, the job header whose every value gets the kind's global rate (`--rate-key`).
+    pub rate_keys: HashMap<String, String>,
     /// Circuit breakers per kind.
     pub breakers: HashMap<String, breaker::BreakerConfig>,
     /// Retry delays.
@@ -84,6 +87,7 @@ impl Default for WorkerConfig {
             timeout_grace: timeout::DEFAULT_GRACE,
             kind_timeouts: HashMap::new(),
             kind_limits: HashMap::new(),
+            rate_keys: HashMap::new(),
             breakers: HashMap::new(),
             backoff: Backoff::default(),
             worker_id: default_worker_id(),
@@ -151,6 +155,8 @@ pub struct Shared {
     pub stacks: HashMap<String, controls::Stack>,
     /// The singleflight keys in flight in this worker.
     pub flights: Arc<flight::Flights>,
+    /// The buckets of the kinds with a rate key.
+    pub keyed_rates: HashMap<String, Arc<pacer::KeyedTokens>>,
 }
 
 impl Shared {
@@ -219,6 +225,7 @@ pub async fn run(
     }
     runs_every(&registry, config.kind_limits.keys(), "a limit")?;
     runs_every(&registry, config.breakers.keys(), "--breaker")?;
+    runs_every(&registry, config.rate_keys.keys(), "--rate-key")?;
     let events = if config.events {
         crate::events::Emitter::spawn(transport.clone())
     } else {
@@ -230,6 +237,7 @@ pub async fn run(
     let mut stacks = HashMap::new();
     let mut sources = Vec::new();
     let mut breakers = Vec::new();
+    let mut keyed_rates = HashMap::new();
     for kind in registry.kinds() {
         let Some(handler) = registry.get(&kind).cloned() else {
             continue;
@@ -238,13 +246,17 @@ pub async fn run(
             stacks::kind_controls(&kind, handler, &config, &transport, opts, &every_kind).await?;
         let source_opts = ConsumeOptions {
             prefetch: k.prefetch,
-            one_at_a_time: k.rate.is_some(),
+            // Jobs waiting for a global rate's token stay in the broker.
+            one_at_a_time: k.rate.is_some() && k.keyed.is_none(),
             ..opts
         };
         let source = transport
             .consume(Source::Kind(kind.clone()), source_opts)
             .await?;
         breakers.extend(k.breaker);
+        if let Some(keyed) = k.keyed {
+            keyed_rates.insert(kind.clone(), keyed);
+        }
         sources.push((kind.clone(), source, Some(k.stack.clone())));
         stacks.insert(kind, k.stack);
     }
@@ -272,6 +284,7 @@ pub async fn run(
         resources: Arc::new(registry_resources),
         stacks,
         flights,
+        keyed_rates,
     });
     let beating = CancellationToken::new();
     let requests = cancel::catch_up(transport.as_ref(), &shared.cancels).await;
@@ -472,6 +485,32 @@ async fn pump(
                 continue;
             }
             // Every place is taken: it waits in a slot.
+        }
+        // A job of a kind with a rate key waits for its value's token before its admissions.
+        if let Some(keyed) = shared.keyed_rates.get(&delivery.kind) {
+            let value = delivery.message.headers.get(keyed.header());
+            let value = value.unwrap_or_default().to_string();
+            if let Ok(place) = slots.following.clone().try_acquire_owned() {
+                let aside = delivery.set_aside();
+                let wait = rated::Wait {
+                    keyed: keyed.clone(),
+                    value,
+                    aside,
+                    flight_key: key,
+                };
+                let svc = rated::service(shared.clone(), slots.running.clone(), wait);
+                let job = (delivery, Box::new(place) as controls::Held, None);
+                spawn_job(&jobs, &shared, job, &abandon, Some(svc));
+                continue;
+            }
+            // Every place is taken: the pump waits for the token, holding the job.
+            if holding(&delivery, &shutdown, lease, keyed.take(&value))
+                .await
+                .is_none()
+            {
+                let _ = delivery.nack().await;
+                break;
+            }
         }
         let svc = match (admitted.take(), shared.stacks.get(&delivery.kind)) {
             (Some(svc), _) => Some(svc),

@@ -19,8 +19,9 @@ use super::limits::Rate;
 use crate::error::Result;
 use crate::transport::{ConsumeOptions, DeliveryStream, FlightClaim, Transport};
 use futures::StreamExt;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// How long a worker waits before it contends again after losing or failing to get the pacing.
@@ -90,6 +91,94 @@ impl Tokens {
                 }
             }
         }
+    }
+}
+
+/// How long the bucket of a rate key's value stays open in a worker after its last job.
+const KEY_IDLE: Duration = Duration::from_secs(60);
+
+/// The tokens of each value of a kind's rate key (`--rate-key KIND=HEADER`): every value of the
+/// header has a bucket of its own at the kind's rate ([`crate::protocol::rate_bucket`]), read and
+/// paced (as a kind's is) by the workers that have a job with that value, from its first job to
+/// a minute after its last. Jobs without the header share the bucket of the empty value.
+pub struct KeyedTokens {
+    transport: Arc<dyn Transport>,
+    kind: String,
+    header: String,
+    rate: Rate,
+    opts: ConsumeOptions,
+    buckets: tokio::sync::Mutex<HashMap<String, (Arc<Tokens>, Instant)>>,
+}
+
+impl KeyedTokens {
+    /// The buckets of `kind`'s values of `header`, at `rate` each.
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        kind: &str,
+        header: &str,
+        rate: Rate,
+        opts: ConsumeOptions,
+    ) -> Arc<KeyedTokens> {
+        let keyed = Arc::new(KeyedTokens {
+            transport,
+            kind: kind.to_string(),
+            header: header.to_string(),
+            rate,
+            opts,
+            buckets: tokio::sync::Mutex::default(),
+        });
+        tokio::spawn(sweep(Arc::downgrade(&keyed)));
+        keyed
+    }
+
+    /// The header whose value picks the bucket.
+    pub fn header(&self) -> &str {
+        &self.header
+    }
+
+    /// Waits for a token of `value`'s bucket and takes it. A bucket that cannot be read yet (the
+    /// broker is down) is tried again every second.
+    pub async fn take(&self, value: &str) {
+        let bucket = crate::protocol::rate_bucket(&self.kind, Some(value));
+        let tokens = loop {
+            let mut buckets = self.buckets.lock().await;
+            if let Some((tokens, used)) = buckets.get_mut(&bucket) {
+                *used = Instant::now();
+                break tokens.clone();
+            }
+            let t = self.transport.clone();
+            match Tokens::start(t, &bucket, self.rate, self.opts).await {
+                Ok(tokens) => {
+                    let tokens = Arc::new(tokens);
+                    buckets.insert(bucket.clone(), (tokens.clone(), Instant::now()));
+                    break tokens;
+                }
+                Err(e) => {
+                    drop(buckets);
+                    tracing::warn!(kind = %self.kind, error = %e, "cannot read a rate key's tokens yet");
+                    tokio::time::sleep(CONTEND_EVERY).await;
+                }
+            }
+        };
+        tokens.take().await;
+        if let Some((_, used)) = self.buckets.lock().await.get_mut(&bucket) {
+            *used = Instant::now();
+        }
+    }
+}
+
+/// Stops the buckets unused for [`KEY_IDLE`], until the [`KeyedTokens`] go.
+async fn sweep(keyed: std::sync::Weak<KeyedTokens>) {
+    loop {
+        tokio::time::sleep(KEY_IDLE / 6).await;
+        let Some(keyed) = keyed.upgrade() else {
+            return;
+        };
+        keyed
+            .buckets
+            .lock()
+            .await
+            .retain(|_, (tokens, used)| used.elapsed() < KEY_IDLE || Arc::strong_count(tokens) > 1);
     }
 }
 

@@ -46,6 +46,8 @@ pub(crate) struct KindControls {
     pub(crate) prefetch: u16,
     pub(crate) rate: Option<Arc<limits::RateControl>>,
     pub(crate) breaker: Option<Arc<breaker::Breaker>>,
+    /// The kind's buckets per value of its rate key.
+    pub(crate) keyed: Option<Arc<super::pacer::KeyedTokens>>,
 }
 
 /// Builds `kind`'s control stack around `handler`, in [`controls::ORDER`].
@@ -62,11 +64,24 @@ pub(crate) async fn kind_controls(
         .breakers
         .get(kind)
         .map(|cfg| breaker::Breaker::new(kind, *cfg));
-    let tokens = match l.rate {
-        Some(r) => Some(super::pacer::Tokens::start(transport.clone(), kind, r, opts).await?),
-        None => None,
+    let header = config.rate_keys.get(kind);
+    let (tokens, keyed) = match (l.rate, header) {
+        (Some(r), Some(header)) => {
+            let keyed = super::pacer::KeyedTokens::new(transport.clone(), kind, header, r, opts);
+            (None, Some(keyed))
+        }
+        (Some(r), None) => {
+            let tokens = super::pacer::Tokens::start(transport.clone(), kind, r, opts).await?;
+            (Some(tokens), None)
+        }
+        (None, Some(header)) => {
+            return Err(crate::Error::Config(format!(
+                "--rate-key {kind}={header} needs a global rate for the kind (--rate {kind}=N/s)"
+            )))
+        }
+        (None, None) => (None, None),
     };
-    let rate = limits::RateControl::new(&l, tokens)?.map(Arc::new);
+    let rate = limits::RateControl::new(&l, tokens, keyed.is_some())?.map(Arc::new);
     let mut concurrency = limits::ConcurrencyControl::new(&l)?;
     let mut prefetch = opts.prefetch;
     if let Some(c) = &mut concurrency {
@@ -110,6 +125,7 @@ pub(crate) async fn kind_controls(
         prefetch,
         rate,
         breaker,
+        keyed,
     })
 }
 
@@ -227,6 +243,25 @@ mod tests {
             readme.contains(&order),
             "the README's Controls section gives the order as {order:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_rate_key_without_a_global_rate_is_refused_naming_the_flag() {
+        let mut config = config();
+        config.rate_keys.insert("sleep".into(), "X-Customer".into());
+        let transport: Arc<dyn Transport> = Arc::new(crate::transport::offline::Offline::default());
+        let every = EveryKind::new(
+            &config,
+            &transport,
+            &Emitter::disabled(),
+            &Arc::default(),
+            &Arc::default(),
+        );
+        let handler = sleeper(Arc::default());
+        let opts = ConsumeOptions::default();
+        let built = kind_controls("sleep", handler, &config, &transport, opts, &every).await;
+        let err = built.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("--rate-key sleep=X-Customer needs"), "{err}");
     }
 
     #[tokio::test]

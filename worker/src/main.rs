@@ -70,9 +70,13 @@ struct Args {
     #[arg(long = "worker-rate", env = "CONVEYOR_WORKER_RATE", value_delimiter = ',', value_parser = parse_rate, value_name = "KIND=N/s")]
     worker_rates: Vec<(String, Rate)>,
     /// Most jobs of a kind started per second by all the namespace's workers together, as
-    /// KIND=N/s: each live worker serving the kind takes an equal share.
+    /// KIND=N/s: a token per job from the kind's bucket on the broker.
     #[arg(long = "rate", env = "CONVEYOR_RATE", value_delimiter = ',', value_parser = parse_rate, value_name = "KIND=N/s")]
     rates: Vec<(String, Rate)>,
+    /// Apply a kind's --rate to each value of a job header, as KIND=HEADER (`--rate-key
+    /// fetch=X-Customer`: every customer gets the rate; jobs without the header share one).
+    #[arg(long = "rate-key", env = "CONVEYOR_RATE_KEY", value_delimiter = ',', value_parser = parse_rate_key, value_name = "KIND=HEADER")]
+    rate_keys: Vec<(String, String)>,
     /// Circuit breaker for a kind, as KIND=F/T[/P]: after F failed attempts in a row (or with
     /// R%@N in place of F, when R % of the last N attempts failed), take no job of the kind for
     /// T, then let P probes through (`--breaker hash=5/30s`, `--breaker hash=50%@20/30s`).
@@ -102,6 +106,14 @@ fn parse_breaker(s: &str) -> Result<(String, BreakerConfig), String> {
 
 fn parse_rate(s: &str) -> Result<(String, Rate), String> {
     limits::parse_kind_value(s, Rate::parse)
+}
+
+fn parse_rate_key(s: &str) -> Result<(String, String), String> {
+    limits::parse_kind_value(s, |v| {
+        let ok = !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
+        ok.then(|| v.to_string())
+            .ok_or_else(|| format!("{s:?}: HEADER must be a header name (no spaces)"))
+    })
 }
 
 fn parse_max_concurrent(s: &str) -> Result<(String, usize), String> {
@@ -157,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
     let limits = kind_limits(&args);
     let config = WorkerConfig {
         kind_limits: limits,
+        rate_keys: args.rate_keys.iter().cloned().collect(),
         breakers: args.breakers.iter().cloned().collect(),
         kinds: args.kinds,
         concurrency: args.concurrency.unwrap_or(defaults.concurrency),
@@ -242,6 +255,17 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default()
             .contains("expected N/s"));
+        let keyed = Args::try_parse_from(["conveyor-worker", "--rate-key", "hash=X-Customer"]);
+        assert_eq!(
+            keyed.expect("flags parse").rate_keys,
+            vec![("hash".to_string(), "X-Customer".to_string())]
+        );
+        let bad = Args::try_parse_from(["conveyor-worker", "--rate-key", "hash=X Customer"]);
+        assert!(bad
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("header name"));
         let bad = Args::try_parse_from(["conveyor-worker", "--max-concurrent", "hash=0"]);
         assert!(bad
             .err()

@@ -776,6 +776,18 @@ impl Inner {
     }
 }
 
+/// The arguments of a queue of a rate bucket (named in `name`): one of a rate key's values goes
+/// once unused for [`super::KEYED_BUCKET_IDLE`].
+fn keyed_bucket_args(name: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    if crate::protocol::is_keyed_bucket(name) {
+        let ms = u64::try_from(super::KEYED_BUCKET_IDLE.as_millis()).unwrap_or(u64::MAX);
+        let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+    }
+    args
+}
+
 /// Closes its channel when dropped, unless taken out first: for channels whose set-up may be
 /// abandoned at an await.
 struct CloseOnDrop(Option<lapin::Channel>);
@@ -1011,10 +1023,22 @@ impl Inner {
             .await
             .map_err(|e| pool_error("channel pool", e))?;
         let q = ch
-            .queue_declare(queue.into(), durable(), FieldTable::default())
+            .queue_declare(queue.into(), durable(), keyed_bucket_args(queue))
             .await
             .map_err(|e| amqp_error("declare tokens", e))?;
         Ok(q.message_count())
+    }
+}
+
+impl Drop for Resubscribing {
+    fn drop(&mut self) {
+        // The reader of one value of a rate key goes with its value's use: its channel must go
+        // too (a dropped channel stays open). A token it held unacked goes back to the queue.
+        if let (Feed::Tokens { queue }, Some((ch, _))) = (&self.source, self.current.take()) {
+            if crate::protocol::is_keyed_bucket(queue) {
+                drop(CloseOnDrop(Some(ch)));
+            }
+        }
     }
 }
 
@@ -1380,7 +1404,7 @@ impl Transport for AmqpTransport {
     }
 
     async fn tokens(&self, kind: &str, opts: ConsumeOptions) -> Result<DeliveryStream> {
-        crate::protocol::validate_kind(kind)?;
+        crate::protocol::validate_bucket(kind)?;
         let feed = Feed::Tokens {
             queue: self.inner.names.token_subject(kind),
         };
@@ -1423,7 +1447,7 @@ impl Transport for AmqpTransport {
         // which holds it unacked while it paces; when that consumer's connection goes, the
         // broker makes the next consumer active and hands it the baton at once.
         let queue = format!("{}.pacers.{kind}", self.inner.names.namespace());
-        let mut args = FieldTable::default();
+        let mut args = keyed_bucket_args(kind);
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         let ch = self.inner.channel().await?;
         // Waiting for the baton may be abandoned (the worker stops): the waiting consumer must go

@@ -445,6 +445,8 @@ impl NatsTransport {
             },
             inactive_threshold: if opts.ephemeral {
                 EPHEMERAL_IDLE
+            } else if crate::protocol::is_keyed_bucket(durable) {
+                super::KEYED_BUCKET_IDLE
             } else {
                 Duration::ZERO
             },
@@ -898,7 +900,7 @@ impl Transport for NatsTransport {
     }
 
     async fn tokens(&self, kind: &str, opts: ConsumeOptions) -> Result<DeliveryStream> {
-        crate::protocol::validate_kind(kind)?;
+        crate::protocol::validate_bucket(kind)?;
         self.tokens_stream().await?;
         let subject = self.names.token_subject(kind);
         self.one_at_a_time("tokens", kind, subject, opts).await
