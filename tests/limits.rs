@@ -20,6 +20,7 @@ both_brokers!(
     a_full_job_store_refuses_new_jobs_and_loses_none,
     a_global_rate_holds_from_a_cold_start_through_a_kill_and_a_join,
     a_rate_key_gives_each_value_the_rate,
+    a_rate_key_holds_with_a_concurrency_cap_and_waiting_jobs_go_back_at_shutdown,
 );
 
 /// Polls `/stats` until `results` reaches `n`; returns when it did.
@@ -648,5 +649,64 @@ async fn a_rate_key_gives_each_value_the_rate(broker: Broker) {
         initech_done < late_at + 2_500,
         "the third customer's 5 jobs (a token each at 10/s) were not held behind the others' \
          ({late_at} ms -> {initech_done} ms)"
+    );
+}
+
+/// A kind with a rate key and `--max-concurrent 1` in one worker: jobs of two values all run
+/// (the worker takes the kind's admissions after a job's token, not before the job); then, with
+/// 40 jobs of one value waiting for tokens at 4/s, the worker stops at once (not after its 20 s
+/// drain) and hands the waiting jobs back.
+async fn a_rate_key_holds_with_a_concurrency_cap_and_waiting_jobs_go_back_at_shutdown(
+    broker: Broker,
+) {
+    let mut limits = HashMap::new();
+    limits.insert(
+        "echo".to_string(),
+        KindLimits {
+            max_concurrent: Some(1),
+            rate: Some(Rate::parse("4/s").expect("rate")),
+            ..KindLimits::default()
+        },
+    );
+    let mut rate_keys = HashMap::new();
+    rate_keys.insert("echo".to_string(), "X-Customer".to_string());
+    let config = WorkerConfig {
+        kind_limits: limits,
+        rate_keys,
+        drain_timeout: Duration::from_secs(20),
+        ..test_worker_config()
+    };
+    let stack = Stack::start_with(broker, config, builtin::registry()).await;
+    let job = |customer: &str, i: usize| {
+        let mut spec = JobSpec::new("echo", json!({ "i": i }));
+        spec.headers.insert("X-Customer", customer);
+        spec
+    };
+    let two = (0..4).flat_map(|i| [job("a", i), job("b", i)]).collect();
+    let started = Instant::now();
+    common::cluster::publish_all(&stack.client, two).await;
+    common::wait_for_results(stack.http, 8, Duration::from_secs(20)).await;
+    let ran = started.elapsed();
+    let many = (0..40).map(|i| job("c", i)).collect();
+    common::cluster::publish_all(&stack.client, many).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stopping = Instant::now();
+    let report = stack.stop().await;
+    let stopped = stopping.elapsed();
+    eprintln!(
+        "rate key with max-concurrent 1: 2 x 4 jobs at 4/s each in {ran:?}; stopped with 40 \
+         waiting in {stopped:?}, {report:?}"
+    );
+    assert!(
+        ran < Duration::from_secs(5),
+        "the two values' jobs ran at their rate ({ran:?})"
+    );
+    assert!(
+        stopped < Duration::from_secs(10),
+        "the worker stopped without waiting for its 20 s drain ({stopped:?})"
+    );
+    assert!(
+        report.handed_back >= 25,
+        "the jobs still waiting for tokens went back to the broker: {report:?}"
     );
 }

@@ -6,13 +6,15 @@
 //! places. Its delivery is held meanwhile (its lease kept alive, as for any job), and set aside
 //! ([`crate::transport::Delivery::set_aside`]) so that it does not count against what the broker
 //! sends the worker. A cancel request ends it at once. When the run ends without an outcome to
-//! share (the leader was cancelled), the job takes its kind's admissions and a slot as any job;
+//! share (the leader was cancelled), the job takes its kind's admissions and a slot as any job
+//! (and first, for a kind with a rate key, its value's token);
 //! then, unless another job has taken the key's lead meanwhile (it waits for that one instead),
 //! it leads the key and goes through its kind's whole stack.
 
 use super::cancel::{JobKeys, Tracked};
 use super::controls::{self, Next};
 use super::flight::{follow_local, Entered};
+use super::pacer::KeyedTokens;
 use super::registry::Job;
 use super::{process, Shared};
 use crate::events::JobState;
@@ -34,6 +36,9 @@ struct Waiting {
     key: String,
     run: Run,
     aside: Option<Aside>,
+    /// For a kind with a rate key: its buckets and the job's value, whose token a job that runs
+    /// after all takes first.
+    rate: Option<(Arc<KeyedTokens>, String)>,
 }
 
 /// The service a waiting job runs through in place of its kind's stack (see the module docs).
@@ -43,8 +48,15 @@ pub(crate) fn service(
     key: String,
     run: Run,
     aside: Option<Aside>,
+    rate: Option<(Arc<KeyedTokens>, String)>,
 ) -> Next {
-    let waiting = Arc::new(Mutex::new(Some(Waiting { key, run, aside })));
+    let waiting = Waiting {
+        key,
+        run,
+        aside,
+        rate,
+    };
+    let waiting = Arc::new(Mutex::new(Some(waiting)));
     let svc = tower::service_fn(move |job: Job| {
         let waiting = waiting.lock().unwrap_or_else(|p| p.into_inner()).take();
         follow(shared.clone(), slots.clone(), waiting, job)
@@ -58,7 +70,13 @@ async fn follow(
     waiting: Option<Waiting>,
     job: Job,
 ) -> Result<Value, JobError> {
-    let Some(Waiting { key, run, aside }) = waiting else {
+    let Some(Waiting {
+        key,
+        run,
+        aside,
+        rate,
+    }) = waiting
+    else {
         return Err(JobError::retry("a waiting job was called twice"));
     };
     let tracked = shared.cancels.track(JobKeys::of(&job.meta));
@@ -98,6 +116,9 @@ async fn follow(
             continue;
         }
         let admitted = async {
+            if let Some((keyed, value)) = &rate {
+                keyed.take(value).await;
+            }
             let mut svc = stack.service();
             svc.ready().await?;
             let slot = slots.clone().acquire_owned().await;

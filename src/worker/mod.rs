@@ -441,6 +441,8 @@ async fn pump(
 ) {
     let lease = shared.config.lease;
     let mut admitted: Option<controls::Next> = None;
+    // A kind with a rate key takes its admissions after the job's token (see [`rated`]).
+    let stack = stack.filter(|_| !shared.keyed_rates.contains_key(&name));
     loop {
         if let (None, Some(stack)) = (&admitted, &stack) {
             let mut svc = stack.service();
@@ -470,41 +472,21 @@ async fn pump(
                 break;
             }
         };
-        // A job whose key a job of this worker leads waits for that run without a slot.
         let key = flight_key(&shared, &delivery);
-        if let Some((key, run)) = key
-            .as_ref()
-            .and_then(|k| Some((k.clone(), shared.flights.following(k)?)))
-        {
-            if let Ok(place) = slots.following.clone().try_acquire_owned() {
-                let aside = delivery.set_aside();
-                let running = slots.running.clone();
-                let svc = follow::service(shared.clone(), running, key, run, aside);
-                let job = (delivery, Box::new(place) as controls::Held, None);
-                spawn_job(&jobs, &shared, job, &abandon, Some(svc));
-                continue;
-            }
-            // Every place is taken: it waits in a slot.
-        }
-        // A job of a kind with a rate key waits for its value's token before its admissions.
-        if let Some(keyed) = shared.keyed_rates.get(&delivery.kind) {
-            let value = delivery.message.headers.get(keyed.header());
-            let value = value.unwrap_or_default().to_string();
-            if let Ok(place) = slots.following.clone().try_acquire_owned() {
-                let aside = delivery.set_aside();
-                let wait = rated::Wait {
-                    keyed: keyed.clone(),
-                    value,
-                    aside,
-                    flight_key: key,
-                };
-                let svc = rated::service(shared.clone(), slots.running.clone(), wait);
-                let job = (delivery, Box::new(place) as controls::Held, None);
-                spawn_job(&jobs, &shared, job, &abandon, Some(svc));
-                continue;
-            }
-            // Every place is taken: the pump waits for the token, holding the job.
-            if holding(&delivery, &shutdown, lease, keyed.take(&value))
+        let rate = rate_value(&shared, &delivery);
+        let waiting = Waiting {
+            shared: &shared,
+            slots: &slots,
+            jobs: &jobs,
+            abandon: &abandon,
+            shutdown: &shutdown,
+        };
+        let Some(delivery) = waiting.aside(delivery, key.as_deref(), rate.as_ref()) else {
+            continue;
+        };
+        // Every place is taken: the job waits here for its value's token, then as any job.
+        if let Some((keyed, value)) = &rate {
+            if holding(&delivery, &shutdown, lease, keyed.take(value))
                 .await
                 .is_none()
             {
@@ -548,6 +530,66 @@ async fn pump(
             let _ = d.nack().await;
         }
     }
+}
+
+/// What a pump needs to start jobs that wait without a slot.
+struct Waiting<'a> {
+    shared: &'a Arc<Shared>,
+    slots: &'a Slots,
+    jobs: &'a TaskTracker,
+    abandon: &'a CancellationToken,
+    shutdown: &'a CancellationToken,
+}
+
+impl Waiting<'_> {
+    /// Starts a job that waits without a slot, in one of the `--max-followers` places: one whose
+    /// singleflight `key` a job of this worker leads ([`follow`]), or one of a kind with a rate key
+    /// (`rate`: its value's token, [`rated`]). The delivery comes back when it is neither, or when
+    /// every place is taken.
+    fn aside(
+        &self,
+        delivery: Delivery,
+        key: Option<&str>,
+        rate: Option<&(Arc<pacer::KeyedTokens>, String)>,
+    ) -> Option<Delivery> {
+        let run = key.and_then(|k| Some((k, self.shared.flights.following(k)?)));
+        if run.is_none() && rate.is_none() {
+            return Some(delivery);
+        }
+        let Ok(place) = self.slots.following.clone().try_acquire_owned() else {
+            return Some(delivery);
+        };
+        let aside = delivery.set_aside();
+        let (shared, running) = (self.shared.clone(), self.slots.running.clone());
+        let give_up = self.abandon.child_token();
+        let svc = match (run, rate.cloned()) {
+            (Some((key, run)), rate) => {
+                follow::service(shared, running, key.to_string(), run, aside, rate)
+            }
+            (None, Some((keyed, value))) => {
+                let wait = rated::Wait {
+                    keyed,
+                    value,
+                    aside,
+                    flight_key: key.map(str::to_string),
+                    shutdown: self.shutdown.clone(),
+                    give_up: give_up.clone(),
+                };
+                rated::service(shared, running, wait)
+            }
+            (None, None) => return Some(delivery),
+        };
+        let job = (delivery, Box::new(place) as controls::Held, None);
+        spawn_job(self.jobs, self.shared, job, &give_up, Some(svc));
+        None
+    }
+}
+
+/// The delivery's kind's rate key buckets and its value of the key, for a kind with a rate key.
+fn rate_value(shared: &Shared, delivery: &Delivery) -> Option<(Arc<pacer::KeyedTokens>, String)> {
+    let keyed = shared.keyed_rates.get(&delivery.kind)?;
+    let value = delivery.message.headers.get(keyed.header());
+    Some((keyed.clone(), value.unwrap_or_default().to_string()))
 }
 
 /// The delivery's singleflight key, if it has one and this worker runs its kind.
@@ -614,8 +656,14 @@ async fn follow_breaker(
                 .unwrap_or(0)
                 .saturating_sub(crate::job::now_ms());
             if breaker.trip_until(std::time::Instant::now() + Duration::from_millis(left)) {
-                // Said on by this worker too, for workers that start after the opener has gone.
+                // Said on by this worker too (as its own, which the opener, restarted under the
+                // same name, would not ignore), for workers that start after the opener has gone.
                 let (say, stopped) = (say.clone(), stopped.clone());
+                let ev = breaker::BreakerEvent {
+                    worker: me.clone(),
+                    at_ms: crate::job::now_ms(),
+                    ..ev
+                };
                 tokio::spawn(async move {
                     breaker::say_while_open(say.as_ref(), &ev, &stopped).await;
                 });

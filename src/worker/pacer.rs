@@ -107,7 +107,14 @@ pub struct KeyedTokens {
     header: String,
     rate: Rate,
     opts: ConsumeOptions,
-    buckets: tokio::sync::Mutex<HashMap<String, (Arc<Tokens>, Instant)>>,
+    buckets: std::sync::Mutex<HashMap<String, Bucket>>,
+}
+
+/// One value's bucket in a worker: opened by its first job (each value on its own, so that one
+/// slow to open holds up no other), and when it was last used.
+struct Bucket {
+    tokens: Arc<tokio::sync::OnceCell<Tokens>>,
+    used: Instant,
 }
 
 impl KeyedTokens {
@@ -125,7 +132,7 @@ impl KeyedTokens {
             header: header.to_string(),
             rate,
             opts,
-            buckets: tokio::sync::Mutex::default(),
+            buckets: std::sync::Mutex::default(),
         });
         tokio::spawn(sweep(Arc::downgrade(&keyed)));
         keyed
@@ -136,33 +143,36 @@ impl KeyedTokens {
         &self.header
     }
 
-    /// Waits for a token of `value`'s bucket and takes it. A bucket that cannot be read yet (the
-    /// broker is down) is tried again every second.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bucket>> {
+        self.buckets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a token of `value`'s bucket and takes it. A bucket that cannot be opened yet
+    /// (the broker is down) is tried again every second.
     pub async fn take(&self, value: &str) {
-        let bucket = crate::protocol::rate_bucket(&self.kind, Some(value));
+        let name = crate::protocol::rate_bucket(&self.kind, Some(value));
+        let cell = {
+            let mut buckets = self.lock();
+            let b = buckets.entry(name.clone()).or_insert_with(|| Bucket {
+                tokens: Arc::default(),
+                used: Instant::now(),
+            });
+            b.used = Instant::now();
+            b.tokens.clone()
+        };
         let tokens = loop {
-            let mut buckets = self.buckets.lock().await;
-            if let Some((tokens, used)) = buckets.get_mut(&bucket) {
-                *used = Instant::now();
-                break tokens.clone();
-            }
-            let t = self.transport.clone();
-            match Tokens::start(t, &bucket, self.rate, self.opts).await {
-                Ok(tokens) => {
-                    let tokens = Arc::new(tokens);
-                    buckets.insert(bucket.clone(), (tokens.clone(), Instant::now()));
-                    break tokens;
-                }
+            let open = || Tokens::start(self.transport.clone(), &name, self.rate, self.opts);
+            match cell.get_or_try_init(open).await {
+                Ok(tokens) => break tokens,
                 Err(e) => {
-                    drop(buckets);
                     tracing::warn!(kind = %self.kind, error = %e, "cannot read a rate key's tokens yet");
                     tokio::time::sleep(CONTEND_EVERY).await;
                 }
             }
         };
         tokens.take().await;
-        if let Some((_, used)) = self.buckets.lock().await.get_mut(&bucket) {
-            *used = Instant::now();
+        if let Some(b) = self.lock().get_mut(&name) {
+            b.used = Instant::now();
         }
     }
 }
@@ -174,11 +184,10 @@ async fn sweep(keyed: std::sync::Weak<KeyedTokens>) {
         let Some(keyed) = keyed.upgrade() else {
             return;
         };
+        // A bucket a job is opening or waiting on is held by that job too.
         keyed
-            .buckets
             .lock()
-            .await
-            .retain(|_, (tokens, used)| used.elapsed() < KEY_IDLE || Arc::strong_count(tokens) > 1);
+            .retain(|_, b| b.used.elapsed() < KEY_IDLE || Arc::strong_count(&b.tokens) > 1);
     }
 }
 

@@ -6,7 +6,8 @@
 //! ([`super::pacer::KeyedTokens`]) in one of the `--max-followers` places, set aside
 //! ([`crate::transport::Delivery::set_aside`]) and its lease kept alive, so that jobs of values
 //! that have tokens go on meanwhile. Then it takes its kind's admissions and a slot as any job.
-//! When every place is taken the worker waits for the token before it takes the next job.
+//! When every place is taken the worker waits for the token before it takes the next job. A job
+//! still waiting when the worker shuts down is handed back at once.
 
 use super::cancel::JobKeys;
 use super::controls::Next;
@@ -19,6 +20,7 @@ use crate::transport::Aside;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 /// What a job waiting for its value's token holds.
@@ -31,6 +33,10 @@ pub(crate) struct Wait {
     pub(crate) aside: Option<Aside>,
     /// The job's singleflight key, entered once it holds a slot.
     pub(crate) flight_key: Option<String>,
+    /// The worker's shutdown: a job still waiting then is handed back, through `give_up`.
+    pub(crate) shutdown: CancellationToken,
+    /// Makes the worker hand the job back.
+    pub(crate) give_up: CancellationToken,
 }
 
 /// The service such a job runs through in place of its kind's stack (see the module docs).
@@ -65,13 +71,24 @@ async fn rated(
             tracked.reason()
         )));
     }
-    cancellable(&tracked, wait.keyed.take(&wait.value)).await?;
-    drop(wait.aside);
-    let mut svc = stack.service();
-    cancellable(&tracked, svc.ready()).await??;
-    let slot = cancellable(&tracked, slots.acquire_owned())
-        .await?
-        .map_err(|_| JobError::retry("the worker is stopping"))?;
+    let admitted = async {
+        cancellable(&tracked, wait.keyed.take(&wait.value)).await?;
+        drop(wait.aside);
+        let mut svc = stack.service();
+        cancellable(&tracked, svc.ready()).await??;
+        let slot = cancellable(&tracked, slots.acquire_owned())
+            .await?
+            .map_err(|_| JobError::retry("the worker is stopping"))?;
+        Ok::<_, JobError>((svc, slot))
+    };
+    let (svc, slot) = tokio::select! {
+        admitted = admitted => admitted?,
+        _ = wait.shutdown.cancelled() => {
+            // Not started: back to the broker, for a worker that stays.
+            wait.give_up.cancel();
+            return std::future::pending().await;
+        }
+    };
     drop(tracked);
     let entered = wait.flight_key.map(|k| shared.flights.enter(&k));
     match entered {
