@@ -38,6 +38,21 @@ fn flaky(calls: Arc<AtomicU32>, down: Arc<AtomicBool>) -> conveyor::worker::Hand
     })
 }
 
+/// When `calls` first rose above zero (ms since the epoch), if that was more than 300 ms before
+/// `until_ms`; `None` when nothing was called until then.
+async fn first_call_before(calls: &AtomicU32, until_ms: u64) -> Option<u64> {
+    let first_call = async {
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        conveyor::job::now_ms()
+    };
+    let left = until_ms.saturating_sub(conveyor::job::now_ms());
+    tokio::time::timeout(Duration::from_millis(left.saturating_sub(300)), first_call)
+        .await
+        .ok()
+}
+
 async fn breaker_opens_holds_jobs_and_closes_after_recovery(broker: Broker) {
     let down = Arc::new(AtomicBool::new(true));
     let calls = Arc::new(AtomicU32::new(0));
@@ -184,19 +199,7 @@ async fn a_worker_started_while_a_breaker_is_open_learns_it(broker: Broker) {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     ids.extend(common::cluster::publish_all(&stack.client, (3..11).map(spec).collect()).await);
     // No job of the kind runs on it before the breaker's end.
-    let first_b_call = async {
-        while b_calls.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        conveyor::job::now_ms()
-    };
-    let left = until_ms.saturating_sub(conveyor::job::now_ms());
-    let early = tokio::time::timeout(
-        Duration::from_millis(left.saturating_sub(300)),
-        first_b_call,
-    )
-    .await
-    .ok();
+    let early = first_call_before(&b_calls, until_ms).await;
     down.store(false, Ordering::SeqCst);
     eprintln!(
         "{broker:?}: breaker open until {until_ms}; the second worker's first call: {:?} ({} ms before the end)",
@@ -305,16 +308,7 @@ async fn a_worker_started_after_the_opener_is_gone_learns_it_from_another(broker
     let (third, stop_third) = start("third", calls.clone(), false).await;
     tokio::time::sleep(Duration::from_millis(2000)).await;
     ids.extend(common::cluster::publish_all(&stack.client, (3..11).map(spec).collect()).await);
-    let first_call = async {
-        while calls.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        conveyor::job::now_ms()
-    };
-    let left = until_ms.saturating_sub(conveyor::job::now_ms());
-    let early = tokio::time::timeout(Duration::from_millis(left.saturating_sub(300)), first_call)
-        .await
-        .ok();
+    let early = first_call_before(&calls, until_ms).await;
     eprintln!(
         "{broker:?}: breaker open until {until_ms}, the opener gone; first call of the others: {:?} ({} ms before the end)",
         early,

@@ -400,21 +400,10 @@ async fn a_full_job_store_refuses_new_jobs_and_loses_none(broker: Broker) {
         .expect("namespace deleted");
 }
 
-/// `--rate hash=20/s` on three worker processes started together, 440 jobs queued before any of
-/// them, default heartbeats: the jobs started in every 5-second window after the first second
-/// stay within 10 % of 100 (plus the burst of 1), also across the pacer killed with -9, a worker
-/// that joins, and every worker killed and replaced. On RabbitMQ a window that follows a kill may
-/// fall short (no token comes until another worker takes the pacing over), never over.
-async fn a_global_rate_holds_from_a_cold_start_through_a_kill_and_a_join(broker: Broker) {
-    use conveyor::events::JobEvent;
+/// Declares the `hash` queue before any job comes (RabbitMQ routes by it; nobody reads it yet)
+/// and listens to its `started` events.
+async fn hash_started_events(client: &conveyor::Client) -> conveyor::transport::MessageStream {
     use conveyor::transport::{ConsumeOptions, Source};
-    use futures::StreamExt;
-
-    const JOBS: usize = 440;
-    let cluster = Cluster::new(broker);
-    let _aggregator = cluster.aggregator("aggregator").await;
-    let client = cluster.client().await;
-    // The kind's queue exists before the jobs come (RabbitMQ routes by it); nobody reads yet.
     drop(
         client
             .transport()
@@ -422,11 +411,27 @@ async fn a_global_rate_holds_from_a_cold_start_through_a_kill_and_a_join(broker:
             .await
             .expect("declared"),
     );
-    let mut events = client
+    client
         .transport()
         .listen_events("hash.started")
         .await
-        .expect("listen");
+        .expect("listen")
+}
+
+/// `--rate hash=20/s` on three worker processes started together, 440 jobs queued before any of
+/// them, default heartbeats: the jobs started in every 5-second window after the first second
+/// stay within 10 % of 100 (plus the burst of 1), also across the pacer killed with -9, a worker
+/// that joins, and every worker killed and replaced. On RabbitMQ a window that follows a kill may
+/// fall short (no token comes until another worker takes the pacing over), never over.
+async fn a_global_rate_holds_from_a_cold_start_through_a_kill_and_a_join(broker: Broker) {
+    use conveyor::events::JobEvent;
+    use futures::StreamExt;
+
+    const JOBS: usize = 440;
+    let cluster = Cluster::new(broker);
+    let _aggregator = cluster.aggregator("aggregator").await;
+    let client = cluster.client().await;
+    let mut events = hash_started_events(&client).await;
     let specs = (0..JOBS)
         .map(|i| JobSpec::new("hash", json!({"data": format!("{i}"), "rounds": 1})))
         .collect();
@@ -530,25 +535,13 @@ async fn a_global_rate_holds_from_a_cold_start_through_a_kill_and_a_join(broker:
 /// at once, and a third customer published during the run is not held behind them.
 async fn a_rate_key_gives_each_value_the_rate(broker: Broker) {
     use conveyor::events::JobEvent;
-    use conveyor::transport::{ConsumeOptions, Source};
     use futures::StreamExt;
 
     const EACH: usize = 100;
     let cluster = Cluster::new(broker);
     let _aggregator = cluster.aggregator("aggregator").await;
     let client = cluster.client().await;
-    drop(
-        client
-            .transport()
-            .consume(Source::Kind("hash".into()), ConsumeOptions::default())
-            .await
-            .expect("declared"),
-    );
-    let mut events = client
-        .transport()
-        .listen_events("hash.started")
-        .await
-        .expect("listen");
+    let mut events = hash_started_events(&client).await;
     let job = |customer: &str, i: usize| {
         let mut spec = JobSpec::new(
             "hash",

@@ -366,44 +366,81 @@ async fn amqp_consumers(queue: &str) -> u64 {
     })
 }
 
+/// One in-process worker of 2 slots and 1 place to wait on a namespace of its own, running
+/// `slow-count` (1.5 s, counting its runs, stopping when its token fires), and a client.
+struct OnePlace {
+    broker: Broker,
+    ns: String,
+    runs: Arc<AtomicU32>,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<conveyor::Result<conveyor::worker::WorkerReport>>,
+    client: conveyor::Client,
+}
+
+impl OnePlace {
+    async fn start(broker: Broker) -> OnePlace {
+        let url = broker.url();
+        let ns = common::unique_ns("s");
+        let runs = Arc::new(AtomicU32::new(0));
+        let stop = CancellationToken::new();
+        let mut registry = Registry::new();
+        let counter = runs.clone();
+        registry.register(
+            "slow-count",
+            handler_fn(move |_: Value, ctx: JobContext| {
+                let counter = counter.clone();
+                async move {
+                    let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(1500)) => {}
+                        _ = ctx.cancel.cancelled() => return Err(JobError::Cancelled),
+                    }
+                    Ok::<_, JobError>(json!({ "run": n }))
+                }
+            }),
+        );
+        let transport = conveyor::transport::connect(&url, &ns)
+            .await
+            .expect("worker connects");
+        let config = WorkerConfig {
+            concurrency: 2,
+            max_followers: 1,
+            ..test_worker_config()
+        };
+        let worker = tokio::spawn(conveyor::worker::run(
+            transport,
+            registry,
+            config,
+            stop.clone(),
+            CancellationToken::new(),
+        ));
+        let client = conveyor::Client::connect(&url, &ns).await.expect("client");
+        OnePlace {
+            broker,
+            ns,
+            runs,
+            stop,
+            worker,
+            client,
+        }
+    }
+
+    /// Stops the worker and deletes the namespace; returns the handler's runs.
+    async fn stop(self) -> u32 {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(WAIT, self.worker).await;
+        let _ = self.client.close().await;
+        common::delete_namespace(self.broker, &self.ns, &["slow-count".to_string()]);
+        self.runs.load(Ordering::SeqCst)
+    }
+}
+
 /// `--max-followers` bounds the jobs waiting without a slot: with one place and two slots, the
 /// third job with the key waits in the second slot and the fourth cannot be taken until a slot
 /// frees, which is after the run: it (and the fifth) run the handler again.
 async fn past_its_places_to_wait_a_job_waits_in_a_slot(broker: Broker) {
-    let url = broker.url();
-    let ns = common::unique_ns("s");
-    let runs = Arc::new(AtomicU32::new(0));
-    let stop = CancellationToken::new();
-    let mut registry = Registry::new();
-    let counter = runs.clone();
-    registry.register(
-        "slow-count",
-        handler_fn(move |_: Value, _: JobContext| {
-            let counter = counter.clone();
-            async move {
-                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                Ok::<_, JobError>(json!({ "run": n }))
-            }
-        }),
-    );
-    let transport = conveyor::transport::connect(&url, &ns)
-        .await
-        .expect("worker connects");
-    let config = WorkerConfig {
-        concurrency: 2,
-        max_followers: 1,
-        ..test_worker_config()
-    };
-    let worker = tokio::spawn(conveyor::worker::run(
-        transport,
-        registry,
-        config,
-        stop.clone(),
-        CancellationToken::new(),
-    ));
-    let client = conveyor::Client::connect(&url, &ns).await.expect("client");
-    let mut waiter = client.waiter().await.expect("waiter");
+    let one = OnePlace::start(broker).await;
+    let mut waiter = one.client.waiter().await.expect("waiter");
     let reply = waiter.address().to_string();
     let specs = (0..5)
         .map(|_| {
@@ -412,12 +449,9 @@ async fn past_its_places_to_wait_a_job_waits_in_a_slot(broker: Broker) {
                 .reply_to(&reply)
         })
         .collect();
-    let ids = common::cluster::publish_all(&client, specs).await;
+    let ids = common::cluster::publish_all(&one.client, specs).await;
     let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
-    stop.cancel();
-    let _ = tokio::time::timeout(WAIT, worker).await;
-    let _ = client.close().await;
-    common::delete_namespace(broker, &ns, &["slow-count".to_string()]);
+    let runs = one.stop().await;
     let mut outputs: Vec<u64> = results
         .iter()
         .map(|r| r.output["run"].as_u64().unwrap_or(0))
@@ -426,8 +460,7 @@ async fn past_its_places_to_wait_a_job_waits_in_a_slot(broker: Broker) {
     eprintln!("one place to wait, two slots: runs seen by the five jobs {outputs:?}");
     assert_eq!(results.len(), 5, "every job got a result");
     assert_eq!(
-        runs.load(Ordering::SeqCst),
-        2,
+        runs, 2,
         "the jobs taken after the first run ran the handler again"
     );
     assert_eq!(outputs, vec![1, 1, 1, 2, 2], "three shared the first run");
@@ -439,42 +472,8 @@ async fn past_its_places_to_wait_a_job_waits_in_a_slot(broker: Broker) {
 /// so no job waits in a slot for one that waits for a slot), the others wait for that run, and
 /// all end.
 async fn a_cancelled_leader_with_every_place_and_slot_taken_leaves_no_job_stuck(broker: Broker) {
-    let url = broker.url();
-    let ns = common::unique_ns("s");
-    let runs = Arc::new(AtomicU32::new(0));
-    let stop = CancellationToken::new();
-    let mut registry = Registry::new();
-    let counter = runs.clone();
-    registry.register(
-        "slow-count",
-        handler_fn(move |_: Value, ctx: JobContext| {
-            let counter = counter.clone();
-            async move {
-                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(1500)) => {}
-                    _ = ctx.cancel.cancelled() => return Err(JobError::Cancelled),
-                }
-                Ok::<_, JobError>(json!({ "run": n }))
-            }
-        }),
-    );
-    let transport = conveyor::transport::connect(&url, &ns)
-        .await
-        .expect("worker connects");
-    let config = WorkerConfig {
-        concurrency: 2,
-        max_followers: 1,
-        ..test_worker_config()
-    };
-    let worker = tokio::spawn(conveyor::worker::run(
-        transport,
-        registry,
-        config,
-        stop.clone(),
-        CancellationToken::new(),
-    ));
-    let client = conveyor::Client::connect(&url, &ns).await.expect("client");
+    let one = OnePlace::start(broker).await;
+    let client = &one.client;
     let mut waiter = client.waiter().await.expect("waiter");
     let reply = waiter.address().to_string();
     let spec = |id: &str| {
@@ -484,10 +483,10 @@ async fn a_cancelled_leader_with_every_place_and_slot_taken_leaves_no_job_stuck(
             .max_attempts(1)
             .reply_to(&reply)
     };
-    let mut ids = common::cluster::publish_all(&client, vec![spec("lead")]).await;
+    let mut ids = common::cluster::publish_all(client, vec![spec("lead")]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     ids.extend(
-        common::cluster::publish_all(&client, vec![spec("w1"), spec("w2"), spec("w3")]).await,
+        common::cluster::publish_all(client, vec![spec("w1"), spec("w2"), spec("w3")]).await,
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     client
@@ -495,23 +494,16 @@ async fn a_cancelled_leader_with_every_place_and_slot_taken_leaves_no_job_stuck(
         .await
         .expect("cancel");
     let results = waiter.wait_for(&ids, Duration::from_secs(20), |_| {}).await;
-    stop.cancel();
-    let _ = tokio::time::timeout(WAIT, worker).await;
-    let _ = client.close().await;
-    common::delete_namespace(broker, &ns, &["slow-count".to_string()]);
+    let runs = one.stop().await;
     let statuses: std::collections::BTreeMap<_, _> = results
         .iter()
         .map(|r| (r.id.clone(), r.status.clone()))
         .collect();
-    eprintln!(
-        "cancelled leader: {statuses:?}, {} run(s)",
-        runs.load(Ordering::SeqCst)
-    );
+    eprintln!("cancelled leader: {statuses:?}, {runs} run(s)");
     assert_eq!(results.len(), 4, "every job ended: {statuses:?}");
     assert_eq!(statuses["lead"], "cancelled");
     assert_eq!(
-        runs.load(Ordering::SeqCst),
-        2,
+        runs, 2,
         "the three jobs waiting shared one run after the cancelled one"
     );
     for id in ["w1", "w2", "w3"] {

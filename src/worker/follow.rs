@@ -56,12 +56,23 @@ pub(crate) fn service(
         aside,
         rate,
     };
-    let waiting = Arc::new(Mutex::new(Some(waiting)));
-    let svc = tower::service_fn(move |job: Job| {
-        let waiting = waiting.lock().unwrap_or_else(|p| p.into_inner()).take();
+    called_once(waiting, move |waiting, job| {
         follow(shared.clone(), slots.clone(), waiting, job)
-    });
-    Next::new(svc)
+    })
+}
+
+/// A service for one job that hands `state` to `call` (`None` if it were called again).
+pub(crate) fn called_once<S, F, Fut>(state: S, call: F) -> Next
+where
+    S: Send + 'static,
+    F: Fn(Option<S>, Job) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Value, JobError>> + Send + 'static,
+{
+    let state = Arc::new(Mutex::new(Some(state)));
+    Next::new(tower::service_fn(move |job: Job| {
+        let state = state.lock().unwrap_or_else(|p| p.into_inner()).take();
+        call(state, job)
+    }))
 }
 
 async fn follow(

@@ -18,7 +18,7 @@ use super::Shared;
 use crate::job::JobError;
 use crate::transport::Aside;
 use serde_json::Value;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -41,12 +41,9 @@ pub(crate) struct Wait {
 
 /// The service such a job runs through in place of its kind's stack (see the module docs).
 pub(crate) fn service(shared: Arc<Shared>, slots: Arc<Semaphore>, wait: Wait) -> Next {
-    let wait = Arc::new(Mutex::new(Some(wait)));
-    let svc = tower::service_fn(move |job: Job| {
-        let wait = wait.lock().unwrap_or_else(|p| p.into_inner()).take();
+    super::follow::called_once(wait, move |wait, job| {
         rated(shared.clone(), slots.clone(), wait, job)
-    });
-    Next::new(svc)
+    })
 }
 
 async fn rated(
