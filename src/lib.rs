@@ -14,6 +14,7 @@ pub mod client;
 pub mod codec;
 pub mod error;
 pub mod events;
+pub mod fault;
 pub mod job;
 pub mod message;
 pub mod protocol;

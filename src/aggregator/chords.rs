@@ -125,6 +125,7 @@ async fn try_complete(transport: &dyn Transport, store: &Store, group: &str) -> 
         // The callback job, unless it cannot be made or published at all (an id too long, an
         // input larger than the broker takes): then its failed result, with the reason. Only an
         // outage is worth another try.
+        crate::fault::point("aggregator.before-chord-callback");
         let sent = match callback_job(&view) {
             Ok(msg) => {
                 publish_retrying(transport, Route::Job(chord.kind.clone()), msg, PATIENCE).await

@@ -180,6 +180,7 @@ async fn record(store: &Store, batch: Vec<Delivery>) -> Option<groups::GroupActi
             if outcome.duplicates > 0 {
                 tracing::debug!(duplicates = outcome.duplicates, "dropped duplicate results");
             }
+            crate::fault::point("aggregator.before-ack");
             // The batch is in delivery order and all of it is durable now: where one ack covers
             // every earlier delivery, ack only the last one.
             let cumulative = batch.last().is_some_and(|d| d.acks_cumulatively());

@@ -289,6 +289,7 @@ async fn retry(shared: &Shared, delivery: Delivery, meta: &JobMeta, err: &JobErr
     next.headers.insert(header::ID, meta.id.clone());
     next.headers
         .insert(header::ERROR, header_safe(&err.to_string()));
+    crate::fault::point("worker.before-retry");
     match delivery.retry(next, after).await {
         Ok(()) => {
             emit(shared, meta, JobState::Retrying, Some(&err.to_string()));
@@ -411,13 +412,13 @@ async fn settle(
     outcome: Outcome,
 ) -> Outcome {
     match published {
-        Ok(()) => match delivery.ack().await {
-            Ok(()) => outcome,
-            Err(e) => {
+        Ok(()) => {
+            crate::fault::point("worker.before-ack");
+            if let Err(e) = delivery.ack().await {
                 tracing::warn!(job = %meta.id, error = %e, "ack failed; the job may be redelivered (its result is recorded once)");
-                outcome
             }
-        },
+            outcome
+        }
         Err(e) => {
             tracing::error!(job = %meta.id, error = %e, "result not confirmed; handing the job back");
             hand_back(delivery).await

@@ -36,6 +36,11 @@ impl Cluster {
     }
 
     pub fn worker(&self, name: &str, extra: &[&str]) -> Proc {
+        self.worker_env(name, extra, &[])
+    }
+
+    /// A worker with extra environment variables (a fault point: `CONVEYOR_FAULT`).
+    pub fn worker_env(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut args = vec![
             "--broker",
             &self.url,
@@ -49,13 +54,18 @@ impl Cluster {
             "10s",
         ];
         args.extend_from_slice(extra);
-        Proc::spawn(name, "conveyor-worker", &args, self.logs())
+        Proc::spawn_env(name, "conveyor-worker", &args, env, self.logs())
     }
 
     pub async fn aggregator(&self, name: &str) -> Proc {
+        self.aggregator_env(name, &[]).await
+    }
+
+    /// An aggregator with extra environment variables (a fault point: `CONVEYOR_FAULT`).
+    pub async fn aggregator_env(&self, name: &str, env: &[(&str, &str)]) -> Proc {
         let store = self.dir.path().join("store");
         let http = self.http.to_string();
-        let p = Proc::spawn(
+        let p = Proc::spawn_env(
             name,
             "conveyor-aggregator",
             &[
@@ -68,6 +78,7 @@ impl Cluster {
                 "--http",
                 &http,
             ],
+            env,
             self.logs(),
         );
         wait_listening(&http, Duration::from_secs(20)).await;

@@ -1,6 +1,7 @@
 //! Shared test harness: real brokers, unique namespaces, in-process stacks and real processes.
 #![allow(dead_code)]
 
+pub mod checker;
 pub mod cluster;
 pub mod own_rabbit;
 pub mod pg;

@@ -1234,7 +1234,10 @@ impl Acker for AmqpAcker {
         }
         .await;
         match copied {
-            Ok(()) => self.ack().await,
+            Ok(()) => {
+                crate::fault::point("worker.after-retry-copy");
+                self.ack().await
+            }
             Err(e) => {
                 // The original goes back instead: its redelivery is the next attempt.
                 let _ = self.nack().await;

@@ -1,0 +1,150 @@
+//! Crash at every step, on both real brokers: a worker or the aggregator is made to abort at a
+//! fault point (`CONVEYOR_FAULT`, see `src/fault.rs`) between a confirmed publish and the ack
+//! that would follow it, is replaced, and the checker (`tests/common/checker.rs`) compares what
+//! the producer saw confirmed and every result published with what the aggregator recorded:
+//! nothing lost, nothing unexpected, no record replaced by a later copy. Each test also shows
+//! that the crash happened where it was meant to (the process died of the abort, and the job it
+//! held ran again or the batch came again).
+
+mod common;
+
+use common::checker::History;
+use common::cluster::{publish_all, Cluster};
+use common::{Broker, Proc};
+use conveyor::workflow::{Chord, Group};
+use conveyor::JobSpec;
+use serde_json::json;
+use std::time::Duration;
+
+both_brokers!(
+    a_worker_crashing_between_a_results_confirm_and_its_ack,
+    a_worker_crashing_between_a_dead_letter_and_its_ack,
+    a_worker_crashing_between_a_retry_and_its_ack,
+    an_aggregator_crashing_between_its_commit_and_its_ack,
+    an_aggregator_crashing_before_a_chords_callback,
+);
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Waits for `p` to die at its fault point (an abort: no exit code).
+async fn aborted(p: &mut Proc, point: &str) {
+    let code = p.wait_exit(WAIT).await;
+    assert_eq!(code, None, "{point}: killed by its abort, not an exit");
+    assert!(
+        p.log_text().contains(&format!("fault point {point}")),
+        "{point}: the process passed its fault point:\n{}",
+        p.log_text()
+    );
+}
+
+/// A worker of one slot aborts at `point` on its `pass`-th pass; another takes over. Returns
+/// the checker's verdict on `specs`.
+async fn worker_crash(
+    broker: Broker,
+    point: &str,
+    pass: u32,
+    specs: Vec<JobSpec>,
+) -> common::checker::Verdict {
+    let cluster = Cluster::new(broker);
+    let _aggregator = cluster.aggregator("aggregator").await;
+    let fault = format!("{point}@{pass}");
+    let args = ["--concurrency", "1", "--kinds", "echo,fail"];
+    let mut first = cluster.worker_env("worker-1", &args, &[("CONVEYOR_FAULT", &fault)]);
+    cluster.wait_workers(1).await;
+    let client = cluster.client().await;
+    let history = History::observe(&client).await;
+    let ids = publish_all(&client, specs).await;
+    aborted(&mut first, point).await;
+    let _second = cluster.worker("worker-2", &args);
+    history.verdict(cluster.http, &ids, &[], WAIT).await
+}
+
+async fn a_worker_crashing_between_a_results_confirm_and_its_ack(broker: Broker) {
+    let specs = (0..12).map(|i| JobSpec::new("echo", json!({ "i": i })));
+    let v = worker_crash(broker, "worker.before-ack", 4, specs.collect()).await;
+    v.assert_clean("result confirmed, worker dead before the ack");
+    assert_eq!(v.recorded, 12);
+    assert!(
+        v.ran_again >= 1 && v.duplicates_dropped >= 1,
+        "the job whose ack never came ran again, and its second result was dropped: {v:?}"
+    );
+}
+
+async fn a_worker_crashing_between_a_dead_letter_and_its_ack(broker: Broker) {
+    let specs = (0..6).map(|_| JobSpec::new("fail", json!({ "times": -1 })).max_attempts(1));
+    let v = worker_crash(broker, "worker.before-ack", 2, specs.collect()).await;
+    v.assert_clean("dead letter confirmed, worker dead before the ack");
+    assert_eq!(v.recorded, 6);
+    assert!(
+        v.ran_again >= 1 && v.duplicates_dropped >= 1,
+        "the dead job whose ack never came was dead-lettered again, its second result dropped: {v:?}"
+    );
+}
+
+/// RabbitMQ: the failed attempt's copy is in its delay queue and the original is not acked, so
+/// two copies of the job go on; NATS schedules a retry with a delayed nak, the settlement itself,
+/// so the worker dies just before it.
+async fn a_worker_crashing_between_a_retry_and_its_ack(broker: Broker) {
+    let point = match broker {
+        Broker::Amqp => "worker.after-retry-copy",
+        Broker::Nats => "worker.before-retry",
+    };
+    let specs = (0..6).map(|_| JobSpec::new("fail", json!({ "times": 1 })).max_attempts(4));
+    let v = worker_crash(broker, point, 2, specs.collect()).await;
+    v.assert_clean("retry scheduled, worker dead before the ack");
+    assert_eq!(v.recorded, 6);
+    if broker == Broker::Amqp {
+        assert!(
+            v.ran_again >= 1 && v.duplicates_dropped >= 1,
+            "both copies of the job ran to a result, the second dropped: {v:?}"
+        );
+    }
+}
+
+async fn an_aggregator_crashing_between_its_commit_and_its_ack(broker: Broker) {
+    let cluster = Cluster::new(broker);
+    let mut aggregator = cluster
+        .aggregator_env(
+            "aggregator-1",
+            &[("CONVEYOR_FAULT", "aggregator.before-ack@3")],
+        )
+        .await;
+    let _worker = cluster.worker("worker", &["--concurrency", "8", "--kinds", "echo"]);
+    cluster.wait_workers(1).await;
+    let client = cluster.client().await;
+    let history = History::observe(&client).await;
+    let specs = (0..300).map(|i| JobSpec::new("echo", json!({ "i": i })));
+    let ids = publish_all(&client, specs.collect()).await;
+    aborted(&mut aggregator, "aggregator.before-ack").await;
+    let _restarted = cluster.aggregator("aggregator-2").await;
+    let v = history.verdict(cluster.http, &ids, &[], WAIT).await;
+    v.assert_clean("batch committed, aggregator dead before the ack");
+    assert_eq!(v.recorded, 300);
+    assert!(
+        v.duplicates_dropped >= 1,
+        "the committed batch came again and was dropped as copies: {v:?}"
+    );
+}
+
+async fn an_aggregator_crashing_before_a_chords_callback(broker: Broker) {
+    let cluster = Cluster::new(broker);
+    let fault = [("CONVEYOR_FAULT", "aggregator.before-chord-callback")];
+    let mut aggregator = cluster.aggregator_env("aggregator-1", &fault).await;
+    let _worker = cluster.worker("worker", &["--concurrency", "4", "--kinds", "echo"]);
+    cluster.wait_workers(1).await;
+    let client = cluster.client().await;
+    let history = History::observe(&client).await;
+    let chord = Chord::new(Group::of("echo", (0..5).map(|i| json!(i))), "echo");
+    let (group, specs) = chord.specs(None).expect("specs");
+    let ids = publish_all(&client, specs).await;
+    aborted(&mut aggregator, "aggregator.before-chord-callback").await;
+    let _restarted = cluster.aggregator("aggregator-2").await;
+    let callback = conveyor::workflow::callback_id(&group);
+    let v = history
+        .verdict(cluster.http, &ids, std::slice::from_ref(&callback), WAIT)
+        .await;
+    v.assert_clean("chord committed, aggregator dead before its callback");
+    assert_eq!(v.recorded, 6, "the five members and the callback");
+    let (code, rec) = common::http_get(cluster.http, &format!("/jobs/{callback}")).await;
+    assert_eq!((code, rec["status"].clone()), (200, json!("succeeded")));
+}
