@@ -22,6 +22,7 @@ both_brokers!(
     a_worker_crashing_between_a_retry_and_its_ack,
     an_aggregator_crashing_between_its_commit_and_its_ack,
     an_aggregator_crashing_before_a_chords_callback,
+    a_third_of_the_producers_confirms_lost,
 );
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -140,11 +141,100 @@ async fn an_aggregator_crashing_before_a_chords_callback(broker: Broker) {
     aborted(&mut aggregator, "aggregator.before-chord-callback").await;
     let _restarted = cluster.aggregator("aggregator-2").await;
     let callback = conveyor::workflow::callback_id(&group);
+    let path = format!("/jobs/{callback}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while common::http_get(cluster.http, &path).await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the callback is recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let v = history
         .verdict(cluster.http, &ids, std::slice::from_ref(&callback), WAIT)
         .await;
     v.assert_clean("chord committed, aggregator dead before its callback");
     assert_eq!(v.recorded, 6, "the five members and the callback");
-    let (code, rec) = common::http_get(cluster.http, &format!("/jobs/{callback}")).await;
+    let (code, rec) = common::http_get(cluster.http, &path).await;
     assert_eq!((code, rec["status"].clone()), (200, json!("succeeded")));
+}
+
+/// The producer publishes through a proxy that removes every third publish confirm on its way
+/// back (JetStream: every third PubAck of a new message; RabbitMQ: every third `basic.ack`). The
+/// producer retries with the same id; JetStream stores each job once (no job runs twice), and
+/// RabbitMQ, which keeps every copy, runs the copies and the aggregator records each job once.
+async fn a_third_of_the_producers_confirms_lost(broker: Broker) {
+    use common::proxy::{Drop, Proxy};
+    const JOBS: usize = 60;
+    let cluster = Cluster::new(broker);
+    let _aggregator = cluster.aggregator("aggregator").await;
+    let _worker = cluster.worker("worker", &["--concurrency", "8", "--kinds", "echo"]);
+    cluster.wait_workers(1).await;
+    let client = cluster.client().await;
+    let history = History::observe(&client).await;
+    let drop = match broker {
+        Broker::Nats => Drop::NatsPubAcks { every: 3 },
+        Broker::Amqp => Drop::AmqpConfirms { every: 3 },
+    };
+    let mut through = url::Url::parse(&broker.url_str()).expect("broker URL");
+    let host = format!(
+        "{}:{}",
+        through.host_str().expect("host"),
+        through.port_or_known_default().expect("port")
+    );
+    let proxy = Proxy::start(&host, drop).await;
+    through.set_port(Some(proxy.addr.port())).expect("port");
+    let through = through.to_string();
+    let url = conveyor::BrokerUrl::parse(&through).expect("url");
+    let producer = conveyor::Client::connect(&url, &cluster.ns)
+        .await
+        .expect("producer through the proxy");
+    let ids: Vec<String> = (0..JOBS).map(|i| format!("{}-{i}", cluster.ns)).collect();
+    let specs = ids
+        .iter()
+        .map(|id| JobSpec::new("echo", json!({ "id": id })).id(id));
+    let started = std::time::Instant::now();
+    let published = producer.publish_many(specs.collect(), 32, |_| {}).await;
+    let took = started.elapsed();
+    // A publish that ran out of patience with every confirm removed may or may not be stored.
+    let (mut confirmed, mut maybe) = (Vec::new(), Vec::new());
+    for (id, r) in ids.iter().zip(&published) {
+        match r {
+            Ok(_) => confirmed.push(id.clone()),
+            Err(_) => maybe.push(id.clone()),
+        }
+    }
+    let removed = proxy.dropped.load(std::sync::atomic::Ordering::SeqCst);
+    let v = history
+        .verdict(cluster.http, &confirmed, &maybe, WAIT)
+        .await;
+    eprintln!(
+        "{broker:?}: {removed} confirms removed; {} of {JOBS} publishes confirmed in {took:?}",
+        confirmed.len()
+    );
+    v.assert_clean("a third of the confirms lost");
+    assert!(
+        removed >= (JOBS / 3) as u64 - 2,
+        "the proxy removed confirms: {removed}"
+    );
+    if broker == Broker::Nats {
+        // A retried publish's PubAck says "duplicate", which the proxy lets through.
+        assert_eq!(confirmed.len(), JOBS, "every publish confirmed by retrying");
+    }
+    assert!(
+        confirmed.len() + 3 >= JOBS,
+        "retrying confirmed nearly every publish: {}",
+        confirmed.len()
+    );
+    assert!(v.recorded >= confirmed.len());
+    match broker {
+        Broker::Nats => assert_eq!(
+            v.ran_again, 0,
+            "JetStream stored each retried job once: none ran twice ({v:?})"
+        ),
+        Broker::Amqp => assert!(
+            v.ran_again >= 1 && v.duplicates_dropped >= 1,
+            "RabbitMQ kept the retried copies; they ran, and were recorded once ({v:?})"
+        ),
+    }
 }

@@ -5,6 +5,7 @@ pub mod checker;
 pub mod cluster;
 pub mod own_rabbit;
 pub mod pg;
+pub mod proxy;
 
 use conveyor::aggregator::{self, AggregatorConfig};
 use conveyor::transport::{self, ConsumeOptions, Source, Transport};
