@@ -145,7 +145,7 @@ impl Filter {
             };
             let removed = confirm && {
                 self.seen += 1;
-                self.seen % every == 0
+                self.seen.is_multiple_of(every)
             };
             if removed {
                 self.dropped.fetch_add(1, Ordering::SeqCst);
