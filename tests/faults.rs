@@ -23,6 +23,7 @@ both_brokers!(
     an_aggregator_crashing_between_its_commit_and_its_ack,
     an_aggregator_crashing_before_a_chords_callback,
     a_third_of_the_producers_confirms_lost,
+    a_worker_cut_off_for_30_s_rejoins_and_nothing_is_applied_twice,
 );
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -176,15 +177,7 @@ async fn a_third_of_the_producers_confirms_lost(broker: Broker) {
         Broker::Nats => Drop::NatsPubAcks { every: 3 },
         Broker::Amqp => Drop::AmqpConfirms { every: 3 },
     };
-    let mut through = url::Url::parse(&broker.url_str()).expect("broker URL");
-    let host = format!(
-        "{}:{}",
-        through.host_str().expect("host"),
-        through.port_or_known_default().expect("port")
-    );
-    let proxy = Proxy::start(&host, drop).await;
-    through.set_port(Some(proxy.addr.port())).expect("port");
-    let through = through.to_string();
+    let (proxy, through) = proxied(broker, drop).await;
     let url = conveyor::BrokerUrl::parse(&through).expect("url");
     let producer = conveyor::Client::connect(&url, &cluster.ns)
         .await
@@ -237,4 +230,73 @@ async fn a_third_of_the_producers_confirms_lost(broker: Broker) {
             "RabbitMQ kept the retried copies; they ran, and were recorded once ({v:?})"
         ),
     }
+}
+
+/// A fault proxy to `broker`, and the broker's URL through it.
+async fn proxied(broker: Broker, drop: common::proxy::Drop) -> (common::proxy::Proxy, String) {
+    let mut through = url::Url::parse(&broker.url_str()).expect("broker URL");
+    let host = format!(
+        "{}:{}",
+        through.host_str().expect("host"),
+        through.port_or_known_default().expect("port")
+    );
+    let proxy = common::proxy::Proxy::start(&host, drop).await;
+    through.set_port(Some(proxy.addr.port())).expect("port");
+    (proxy, through.to_string())
+}
+
+/// One of two workers reaches the broker through a proxy, which stops forwarding both ways for
+/// 30 s while it holds jobs (a partition), then heals. Its jobs go on: on NATS the others take
+/// them over once their lease runs out, and its late results are copies; on RabbitMQ, which
+/// notices nothing in 30 s, it finishes them after the partition. Nothing is lost or applied
+/// twice, and the cut-off worker takes jobs again afterwards without a restart.
+async fn a_worker_cut_off_for_30_s_rejoins_and_nothing_is_applied_twice(broker: Broker) {
+    use common::proxy::Drop;
+    let cluster = Cluster::new(broker);
+    let _aggregator = cluster.aggregator("aggregator").await;
+    let (proxy, through) = proxied(broker, Drop::Nothing).await;
+    let args = ["--concurrency", "4", "--kinds", "sleep"];
+    let mut cut = {
+        let mut all = vec!["--broker", &through, "--namespace", &cluster.ns];
+        all.extend(["--lease", "2s", "--drain-timeout", "10s"]);
+        all.extend(args);
+        Proc::spawn("worker-cut", "conveyor-worker", &all, cluster.logs())
+    };
+    let cut_id = format!("-{}", cut.pid());
+    let _direct = cluster.worker("worker-direct", &args);
+    cluster.wait_workers(2).await;
+    let client = cluster.client().await;
+    let history = History::observe(&client).await;
+    let specs = (0..40).map(|_| JobSpec::new("sleep", json!({ "ms": 500 })));
+    let mut ids = publish_all(&client, specs.collect()).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.stall(true);
+    let cut_at = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    proxy.stall(false);
+    assert!(
+        cut.try_alive(),
+        "the cut-off worker is still running:\n{}",
+        cut.log_text()
+    );
+    // After the partition it takes jobs again.
+    let later = (0..40).map(|_| JobSpec::new("sleep", json!({ "ms": 300 })));
+    let later = publish_all(&client, later.collect()).await;
+    ids.extend(later.iter().cloned());
+    let v = history.verdict(cluster.http, &ids, &[], WAIT).await;
+    eprintln!("{broker:?}: partition of {:?}", cut_at.elapsed());
+    v.assert_clean("a worker cut off for 30 s");
+    assert_eq!(v.recorded, 80);
+    let mut after = 0;
+    for id in &later {
+        let (_, rec) = common::http_get(cluster.http, &format!("/jobs/{id}")).await;
+        if rec["worker"].as_str().is_some_and(|w| w.ends_with(&cut_id)) {
+            after += 1;
+        }
+    }
+    eprintln!("{broker:?}: the cut-off worker ran {after} of the 40 jobs published after it");
+    assert!(
+        after > 0,
+        "the cut-off worker took jobs again without a restart"
+    );
 }

@@ -376,6 +376,11 @@ impl Proc {
         self.child.id()
     }
 
+    /// Still running.
+    pub fn try_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL, and reap.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
