@@ -165,7 +165,7 @@ async fn an_aggregator_crashing_before_a_chords_callback(broker: Broker) {
 /// producer retries with the same id; JetStream stores each job once (no job runs twice), and
 /// RabbitMQ, which keeps every copy, runs the copies and the aggregator records each job once.
 async fn a_third_of_the_producers_confirms_lost(broker: Broker) {
-    use common::proxy::{Drop, Proxy};
+    use common::proxy::Drop;
     const JOBS: usize = 60;
     let cluster = Cluster::new(broker);
     let _aggregator = cluster.aggregator("aggregator").await;
