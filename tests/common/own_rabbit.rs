@@ -72,6 +72,18 @@ impl OwnRabbit {
     fn node(&self) -> String {
         format!("conveyor-test-{}@localhost", self.port)
     }
+
+    /// `rabbitmqctl` on this node, with `args`; its output, `None` when it failed.
+    pub fn ctl(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("rabbitmqctl")
+            .args(["-n", &self.node(), "-q"])
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
 }
 
 impl Drop for OwnRabbit {
