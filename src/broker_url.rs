@@ -22,6 +22,7 @@ pub struct BrokerUrl {
     ca_file: Option<PathBuf>,
     credentials_file: Option<PathBuf>,
     max_bytes: Option<u64>,
+    ping_interval: Option<std::time::Duration>,
 }
 
 /// How many bytes each of a namespace's RabbitMQ jobs, results and dead-letter queues may hold
@@ -83,6 +84,21 @@ impl BrokerUrl {
                 ))
             })?),
         };
+        let ping_interval = match parsed.query_pairs().find(|(k, _)| k == "ping_interval") {
+            None => None,
+            Some((_, v)) => Some(
+                humantime::parse_duration(&v)
+                    .ok()
+                    .filter(|d| *d >= std::time::Duration::from_secs(1))
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "ping_interval={v:?} in broker URL {}: expected a duration of 1s or \
+                             more, such as 10s",
+                            redact_url(&parsed)
+                        ))
+                    })?,
+            ),
+        };
         Ok(BrokerUrl {
             kind,
             raw: s.to_string(),
@@ -90,6 +106,7 @@ impl BrokerUrl {
             ca_file: None,
             credentials_file: None,
             max_bytes,
+            ping_interval,
         })
     }
 
@@ -134,6 +151,13 @@ impl BrokerUrl {
     /// an existing one keeps its bound).
     pub fn max_bytes(&self) -> Option<u64> {
         self.max_bytes
+    }
+
+    /// How often a NATS client pings the server (`?ping_interval=10s`): a server that answers
+    /// two pings in a row no more is taken as gone, and the client reconnects. `None`: the
+    /// client's default (a minute). (RabbitMQ: `?heartbeat=N` seconds, read by the AMQP client.)
+    pub fn ping_interval(&self) -> Option<std::time::Duration> {
+        self.ping_interval
     }
 
     /// True for `tls://` and `amqps://`.
@@ -205,6 +229,25 @@ impl std::str::FromStr for BrokerUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ping_interval_reads_a_duration_and_refuses_nonsense() {
+        let at = |q: &str| BrokerUrl::parse(&format!("nats://h:4222/?ping_interval={q}"));
+        assert_eq!(
+            at("5s").ok().and_then(|u| u.ping_interval()),
+            Some(std::time::Duration::from_secs(5))
+        );
+        assert_eq!(
+            BrokerUrl::parse("nats://h:4222")
+                .ok()
+                .and_then(|u| u.ping_interval()),
+            None
+        );
+        for bad in ["soon", "10ms", ""] {
+            let err = at(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("ping_interval"), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn max_bytes_reads_units_and_refuses_nonsense() {

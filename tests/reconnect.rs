@@ -20,6 +20,9 @@ trait OwnBroker {
     fn addr(&self) -> String;
     fn start(&mut self);
     fn kill9(&mut self);
+    /// SIGSTOP (`true`) or SIGCONT the broker: a zombie that holds its connections and answers
+    /// nothing.
+    fn pause(&self, on: bool);
 }
 
 struct OwnNats {
@@ -51,6 +54,12 @@ impl OwnBroker for OwnNats {
             let _ = c.wait();
         }
     }
+    fn pause(&self, on: bool) {
+        let pid = self.child.as_ref().expect("started").id().to_string();
+        let sig = if on { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill").args([sig, &pid]).status();
+        assert!(ok.map(|s| s.success()).unwrap_or(false), "kill {sig} {pid}");
+    }
 }
 
 impl OwnBroker for OwnRabbit {
@@ -65,6 +74,9 @@ impl OwnBroker for OwnRabbit {
     }
     fn kill9(&mut self) {
         OwnRabbit::kill9(self)
+    }
+    fn pause(&self, on: bool) {
+        OwnRabbit::pause(self, on)
     }
 }
 
@@ -208,6 +220,151 @@ async fn restarts_twice_during_a_run(broker: &mut dyn OwnBroker, dir: &Path, boo
             "{id}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_stopped_for_two_ping_intervals() {
+    common::ensure_up(common::Broker::Nats);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nats = OwnNats {
+        port: free_port(),
+        store: dir.path().join("js"),
+        child: None,
+    };
+    let url = format!("{}?ping_interval=5s", nats.url());
+    zombie(&mut nats, &url, dir.path(), Duration::from_secs(10)).await;
+    nats.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_stopped_for_two_heartbeats() {
+    common::ensure_up(common::Broker::Amqp);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rabbit = OwnRabbit::new(dir.path().join("rabbit"));
+    let url = format!("{}?heartbeat=5", OwnBroker::url(&rabbit));
+    zombie(&mut rabbit, &url, dir.path(), Duration::from_secs(90)).await;
+    rabbit.kill9();
+}
+
+/// A zombie broker: stopped with SIGSTOP for twice its clients' ping (NATS) or heartbeat
+/// (RabbitMQ) interval of 5 s, while a worker, the aggregator and a producer use it, then
+/// resumed. The worker notices within the stop (a result's confirm times out after 5 s and the
+/// publish is retried, with the same id), every client recovers
+/// without a restart, and every job confirmed before, during (a publish waits and retries) and
+/// after the stop is recorded once.
+async fn zombie(broker: &mut dyn OwnBroker, url: &str, dir: &Path, boot: Duration) {
+    use common::checker::History;
+    let addr = broker.addr();
+    broker.start();
+    wait_listening(&addr, boot).await;
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let store = dir.join("agg");
+    let _agg = Proc::spawn(
+        "aggregator",
+        "conveyor-aggregator",
+        &[
+            "--broker",
+            url,
+            "--namespace",
+            "zombie",
+            "--http",
+            &http.to_string(),
+            "--store",
+            store.to_str().expect("utf-8"),
+        ],
+        dir,
+    );
+    let worker = Proc::spawn(
+        "worker",
+        "conveyor-worker",
+        &[
+            "--broker",
+            url,
+            "--namespace",
+            "zombie",
+            "--kinds",
+            "sleep",
+            "--lease",
+            "3s",
+        ],
+        dir,
+    );
+    wait_listening(&http.to_string(), Duration::from_secs(20)).await;
+    let client = Client::connect(&BrokerUrl::parse(url).expect("url"), "zombie")
+        .await
+        .expect("client");
+    let history = History::observe(&client).await;
+    let job = || JobSpec::new("sleep", json!({"ms": 20}));
+    let mut ids: Vec<String> = client
+        .publish_many((0..200).map(|_| job()).collect(), 16, |_| {})
+        .await
+        .into_iter()
+        .map(|r| r.expect("confirmed before the stop"))
+        .collect();
+    if let Err(before) = results_within(http, 20, Duration::from_secs(60)).await {
+        panic!("{before}");
+    }
+    let stop = Duration::from_secs(10);
+    broker.pause(true);
+    let stopped_at = std::time::Instant::now();
+    // Published while the broker is stopped: each waits for its confirm and retries.
+    let during = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .publish_many((0..20).map(|_| job()).collect(), 4, |_| {})
+                .await
+        })
+    };
+    tokio::time::sleep(stop).await;
+    let log = worker.log_text();
+    eprintln!(
+        "DBG {}",
+        log.lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let noticed_in_stop = log.contains("failed, retrying");
+    broker.pause(false);
+    let resumed_at = stopped_at.elapsed();
+    let (mut confirmed, mut maybe) = (0, Vec::new());
+    for r in during.await.expect("publisher") {
+        match r {
+            Ok(id) => {
+                confirmed += 1;
+                ids.push(id);
+            }
+            Err(e) => maybe.push(e.to_string()),
+        }
+    }
+    ids.extend(
+        client
+            .publish_many((0..200).map(|_| job()).collect(), 16, |_| {})
+            .await
+            .into_iter()
+            .map(|r| r.expect("confirmed after the stop")),
+    );
+    let v = history
+        .verdict(http, &ids, &[], Duration::from_secs(120))
+        .await;
+    println!(
+        "{url}: stopped for {resumed_at:?}; the worker noticed during it: {noticed_in_stop}; \
+         {confirmed} of 20 publishes made during it confirmed ({} not: {maybe:?})",
+        maybe.len()
+    );
+    v.assert_clean("a zombie broker");
+    assert!(
+        noticed_in_stop,
+        "the worker noticed the stopped broker within {stop:?} (a publish timed out and is \
+         retried):\n{}",
+        worker.log_text()
+    );
+    assert!(
+        maybe.is_empty(),
+        "publishes made during the stop were confirmed after it"
+    );
+    assert_eq!(v.recorded, 420);
 }
 
 /// RabbitMQ restarted (kill -9) under a backlog of 3,000 jobs: after it, while the worker

@@ -73,6 +73,18 @@ impl OwnRabbit {
         format!("conveyor-test-{}@localhost", self.port)
     }
 
+    /// Stops (`SIGSTOP`, `true`) or resumes (`SIGCONT`) the node's Erlang VM.
+    pub fn pause(&self, on: bool) {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("the node's pid file");
+        let sig = if on { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .args([sig, pid.trim()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} {}", pid.trim());
+    }
+
     /// `rabbitmqctl` on this node, with `args`; its output, `None` when it failed.
     pub fn ctl(&self, args: &[&str]) -> Option<String> {
         let out = Command::new("rabbitmqctl")

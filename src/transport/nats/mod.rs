@@ -136,6 +136,9 @@ async fn connect_counting(
     if let Some(ca) = url.ca_file() {
         options = options.add_root_certificates(ca.to_path_buf());
     }
+    if let Some(every) = url.ping_interval() {
+        options = options.ping_interval(every);
+    }
     if url.is_tls() {
         options = options.require_tls(true);
     }
