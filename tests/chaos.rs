@@ -1,10 +1,11 @@
 //! Chaos, on each broker, with the real binaries: workers killed with `kill -9` every two
 //! seconds under the supervisor, a worker frozen with SIGSTOP past its lease, and a supervisor
-//! killed with `kill -9`. Each test checks its counts against the aggregator's store and prints
-//! them; every wait is bounded.
+//! killed with `kill -9`. Each test checks its counts against the aggregator's store, prints
+//! them, and ends with the checker's verdict (`tests/common/checker.rs`); every wait is bounded.
 
 mod common;
 
+use common::checker::History;
 use common::cluster::{publish_all, Cluster};
 use common::{http_get, wait_for_results, Broker, Proc};
 use conveyor::JobSpec;
@@ -37,6 +38,9 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
+/// The longest a checker's verdict waits for the last records.
+const WAIT: Duration = Duration::from_secs(60);
+
 async fn stats(c: &Cluster) -> Value {
     common::stats(c.http).await
 }
@@ -59,7 +63,8 @@ async fn kill_storm(broker: Broker) {
             }
         })
         .collect();
-    let publisher = tokio::spawn(async move { publish_all(&client, specs).await.len() });
+    let history = History::observe(&client).await;
+    let publisher = tokio::spawn(async move { publish_all(&client, specs).await });
 
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut kills = 0u32;
@@ -79,10 +84,11 @@ async fn kill_storm(broker: Broker) {
         }
         recorded = stats(&c).await["results"].as_u64().unwrap_or(0);
     }
-    let published = publisher.await.expect("publisher");
-    assert_eq!(published as u64, JOBS);
-    // The storm is over; let redelivered duplicates arrive before counting.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ids = publisher.await.expect("publisher");
+    assert_eq!(ids.len() as u64, JOBS);
+    // The storm is over; redelivered duplicates arrive before the verdict.
+    let verdict = history.verdict(c.http, &ids, &[], WAIT).await;
+    verdict.assert_clean("kill storm");
     let s = stats(&c).await;
     assert_eq!(s["results"], json!(JOBS), "every job id recorded once: {s}");
     assert_eq!(
@@ -129,8 +135,13 @@ async fn crash_jobs_one_percent(broker: Broker) {
         })
         .collect();
     let started = Instant::now();
-    publish_all(&client, specs).await;
+    let history = History::observe(&client).await;
+    let ids = publish_all(&client, specs).await;
     let s = wait_for_results(c.http, JOBS, Duration::from_secs(300)).await;
+    history
+        .verdict(c.http, &ids, &[], WAIT)
+        .await
+        .assert_clean("crash jobs");
     assert_eq!(s["results"], json!(JOBS), "{s}");
     assert_eq!(
         s["by_status"],
@@ -163,6 +174,7 @@ async fn frozen_worker(broker: Broker) {
     let c = Cluster::new(broker);
     let _agg = c.aggregator("aggregator").await;
     let client = c.client().await;
+    let history = History::observe(&client).await;
     let ids = publish_all(
         &client,
         (0..JOBS)
@@ -250,7 +262,8 @@ async fn frozen_worker(broker: Broker) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let verdict = history.verdict(c.http, &ids, &[], WAIT).await;
+    verdict.assert_clean("frozen worker");
     let s = stats(&c).await;
     assert_eq!(s["results"], json!(JOBS), "nothing applied twice: {s}");
     assert_eq!(s["by_status"], json!({ "succeeded": JOBS }), "{s}");

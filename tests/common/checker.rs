@@ -72,7 +72,14 @@ impl History {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Late copies of a result (from a job run again) may still be on their way.
+        // The observer reads at its own pace: wait until it has seen as many results as were
+        // recorded, then a little for late copies of a result (from a job run again).
+        let recorded = super::stats(http).await["results"].as_u64().unwrap_or(0) as usize;
+        while self.published.lock().expect("history").len() < recorded
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         self.task.abort();
         let published = self.published.lock().expect("history").clone();
@@ -85,8 +92,13 @@ impl History {
         let mut v = Verdict::default();
         let sure: BTreeSet<&String> = confirmed.iter().collect();
         let wanted: BTreeSet<&String> = confirmed.iter().chain(maybe).collect();
-        for id in &wanted {
-            let (code, rec) = super::http_get(http, &format!("/jobs/{id}")).await;
+        // The records, fetched 32 at a time.
+        let records: Vec<(&String, (u16, Value))> = futures::stream::iter(wanted.iter().copied())
+            .map(|id| async move { (id, super::http_get(http, &format!("/jobs/{id}")).await) })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for (id, (code, rec)) in records {
             if code != 200 {
                 if sure.contains(id) {
                     v.lost.push(id.to_string());
