@@ -5,12 +5,12 @@
 
 mod common;
 
+use common::own_nats::OwnNats;
 use common::own_rabbit::OwnRabbit;
 use common::{free_port, http_get, results_within, wait_for_results, wait_listening, Proc};
 use conveyor::{BrokerUrl, Client, JobSpec};
 use serde_json::json;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 /// A broker process of the test's own that can be killed and started again on the same port and
@@ -25,40 +25,21 @@ trait OwnBroker {
     fn pause(&self, on: bool);
 }
 
-struct OwnNats {
-    port: u16,
-    store: PathBuf,
-    child: Option<Child>,
-}
-
-/// A failed test stops its server too.
-impl Drop for OwnNats {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 impl OwnBroker for OwnNats {
     fn url(&self) -> String {
-        format!("nats://{}", self.addr())
+        OwnNats::url(self)
     }
     fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        OwnNats::addr(self)
     }
     fn start(&mut self) {
-        self.child = Some(nats_server(self.port, &self.store));
+        OwnNats::start(self)
     }
     fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        OwnNats::kill9(self)
     }
     fn pause(&self, on: bool) {
-        let pid = self.child.as_ref().expect("started").id().to_string();
-        let sig = if on { "-STOP" } else { "-CONT" };
-        let ok = Command::new("kill").args([sig, &pid]).status();
-        assert!(ok.map(|s| s.success()).unwrap_or(false), "kill {sig} {pid}");
+        OwnNats::pause(self, on)
     }
 }
 
@@ -80,32 +61,11 @@ impl OwnBroker for OwnRabbit {
     }
 }
 
-fn nats_server(port: u16, store: &Path) -> Child {
-    let server = Path::new("/usr/sbin/nats-server");
-    let server = if server.exists() {
-        server.to_path_buf()
-    } else {
-        "nats-server".into()
-    };
-    Command::new(server)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"])
-        .arg("-sd")
-        .arg(store)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server is installed (it runs the local broker too)")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarts_twice_during_a_run() {
     common::ensure_up(common::Broker::Nats);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut nats = OwnNats {
-        port: free_port(),
-        store: dir.path().join("js"),
-        child: None,
-    };
+    let mut nats = OwnNats::new(dir.path().join("js"));
     restarts_twice_during_a_run(&mut nats, dir.path(), Duration::from_secs(10)).await;
     nats.kill9();
 }
@@ -226,11 +186,7 @@ async fn restarts_twice_during_a_run(broker: &mut dyn OwnBroker, dir: &Path, boo
 async fn nats_stopped_for_two_ping_intervals() {
     common::ensure_up(common::Broker::Nats);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut nats = OwnNats {
-        port: free_port(),
-        store: dir.path().join("js"),
-        child: None,
-    };
+    let mut nats = OwnNats::new(dir.path().join("js"));
     let url = format!("{}?ping_interval=5s", nats.url());
     zombie(&mut nats, &url, dir.path(), Duration::from_secs(10)).await;
     nats.kill9();
@@ -487,11 +443,7 @@ async fn rabbitmq_unacked_stays_within_prefetch_after_a_restart() {
 async fn nats_cluster_cap_holds_across_a_broker_restart() {
     common::ensure_up(common::Broker::Nats);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut nats = OwnNats {
-        port: free_port(),
-        store: dir.path().join("js"),
-        child: None,
-    };
+    let mut nats = OwnNats::new(dir.path().join("js"));
     cluster_cap_holds_across_a_restart(&mut nats, dir.path(), Duration::from_secs(10)).await;
     nats.kill9();
 }

@@ -28,10 +28,21 @@ pub struct History {
 }
 
 impl History {
-    /// Starts observing `client`'s namespace's results (from now on).
+    /// Starts observing `client`'s namespace's results (from now on), through a reader that
+    /// goes with it.
     pub async fn observe(client: &Client) -> History {
+        History::start(client, true).await
+    }
+
+    /// Like [`History::observe`], through a durable reader of its own, which keeps what comes
+    /// while its connection is lost (a broker restart).
+    pub async fn observe_durably(client: &Client) -> History {
+        History::start(client, false).await
+    }
+
+    async fn start(client: &Client, ephemeral: bool) -> History {
         let opts = ConsumeOptions {
-            ephemeral: true,
+            ephemeral,
             ..ConsumeOptions::default()
         };
         let mut results = client

@@ -29,6 +29,7 @@ pub enum Drop {
 pub struct Proxy {
     pub addr: SocketAddr,
     stalled: watch::Sender<bool>,
+    dropping: watch::Sender<bool>,
     /// Confirms removed so far.
     pub dropped: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -46,8 +47,10 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy port");
         let addr = listener.local_addr().expect("proxy addr");
         let (stalled, _) = watch::channel(false);
+        let (dropping, _) = watch::channel(true);
         let dropped = Arc::new(AtomicU64::new(0));
         let (upstream, tx, count) = (upstream.to_string(), stalled.clone(), dropped.clone());
+        let on = dropping.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(&upstream).await else {
@@ -56,13 +59,14 @@ impl Proxy {
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 tokio::spawn(pump(cr, sw, tx.subscribe(), None));
-                let filter = Filter::new(drop, count.clone());
+                let filter = Filter::new(drop, on.subscribe(), count.clone());
                 tokio::spawn(pump(sr, cw, tx.subscribe(), Some(filter)));
             }
         });
         Proxy {
             addr,
             stalled,
+            dropping,
             dropped,
             task,
         }
@@ -71,6 +75,12 @@ impl Proxy {
     /// Stops (`true`) or resumes (`false`) forwarding, on every connection, new ones too.
     pub fn stall(&self, on: bool) {
         self.stalled.send_replace(on);
+    }
+
+    /// Removes the confirms its [`Drop`] names (`true`, from the start) or none (`false`), from
+    /// now on, on every connection.
+    pub fn set_dropping(&self, on: bool) {
+        self.dropping.send_replace(on);
     }
 }
 
@@ -114,38 +124,38 @@ async fn pump(
 /// Reassembles the broker's frames and removes the chosen confirms.
 struct Filter {
     drop: Drop,
+    on: watch::Receiver<bool>,
     pending: Vec<u8>,
-    seen: u64,
+    confirms: u64,
     dropped: Arc<AtomicU64>,
 }
 
 impl Filter {
-    fn new(drop: Drop, dropped: Arc<AtomicU64>) -> Filter {
+    fn new(drop: Drop, on: watch::Receiver<bool>, dropped: Arc<AtomicU64>) -> Filter {
         Filter {
             drop,
+            on,
             pending: Vec::new(),
-            seen: 0,
+            confirms: 0,
             dropped,
         }
     }
 
     /// What of `bytes` (and what was held before) goes on: whole frames, less the removed ones.
     fn pass(&mut self, bytes: &[u8]) -> Vec<u8> {
-        if matches!(self.drop, Drop::Nothing) {
-            return bytes.to_vec();
-        }
+        let every = match self.drop {
+            Drop::Nothing => return bytes.to_vec(),
+            Drop::NatsPubAcks { every } | Drop::AmqpConfirms { every } => every.max(1),
+        };
+        let on = *self.on.borrow();
         self.pending.extend_from_slice(bytes);
         let mut out = Vec::with_capacity(self.pending.len());
         let mut at = 0;
-        while let Some((len, confirm)) = self.frame(&self.pending[at..]) {
+        while let Some((len, confirm)) = frame(self.drop, &self.pending[at..]) {
             let frame = &self.pending[at..at + len];
-            let every = match self.drop {
-                Drop::NatsPubAcks { every } | Drop::AmqpConfirms { every } => every,
-                Drop::Nothing => u64::MAX,
-            };
-            let removed = confirm && {
-                self.seen += 1;
-                self.seen.is_multiple_of(every)
+            let removed = confirm && on && {
+                self.confirms += 1;
+                self.confirms.is_multiple_of(every)
             };
             if removed {
                 self.dropped.fetch_add(1, Ordering::SeqCst);
@@ -157,15 +167,15 @@ impl Filter {
         self.pending.drain(..at);
         out
     }
+}
 
-    /// The length of the whole frame at the start of `b`, and whether it is a confirm to remove;
-    /// `None` until it has all arrived.
-    fn frame(&self, b: &[u8]) -> Option<(usize, bool)> {
-        match self.drop {
-            Drop::NatsPubAcks { .. } => nats_frame(b),
-            Drop::AmqpConfirms { .. } => amqp_frame(b),
-            Drop::Nothing => (!b.is_empty()).then_some((b.len(), false)),
-        }
+/// The length of the whole frame at the start of `b`, and whether it is a confirm; `None` until
+/// it has all arrived.
+fn frame(framing: Drop, b: &[u8]) -> Option<(usize, bool)> {
+    match framing {
+        Drop::NatsPubAcks { .. } => nats_frame(b),
+        Drop::AmqpConfirms { .. } => amqp_frame(b),
+        Drop::Nothing => (!b.is_empty()).then_some((b.len(), false)),
     }
 }
 
