@@ -53,6 +53,25 @@ async fn first_call_before(calls: &AtomicU32, until_ms: u64) -> Option<u64> {
         .ok()
 }
 
+/// Asserts that no job of the open kind ran before the breaker's end (`early` is when the first
+/// did, if it was before), then that all of `ids` succeed.
+async fn no_early_call(
+    what: &str,
+    early: Option<u64>,
+    until_ms: u64,
+    waiter: &mut conveyor::client::Waiter,
+    ids: &[String],
+) {
+    eprintln!(
+        "{what}: breaker open until {until_ms}; first call {early:?} ({} ms before the end)",
+        early.map(|at| until_ms.saturating_sub(at)).unwrap_or(0)
+    );
+    assert!(early.is_none(), "{what} ran a job of the open kind");
+    let results = waiter.wait_for(ids, WAIT, |_| {}).await;
+    assert_eq!(results.len(), ids.len());
+    assert!(results.iter().all(|r| r.succeeded()), "{results:?}");
+}
+
 async fn breaker_opens_holds_jobs_and_closes_after_recovery(broker: Broker) {
     let down = Arc::new(AtomicBool::new(true));
     let calls = Arc::new(AtomicU32::new(0));
@@ -201,18 +220,8 @@ async fn a_worker_started_while_a_breaker_is_open_learns_it(broker: Broker) {
     // No job of the kind runs on it before the breaker's end.
     let early = first_call_before(&b_calls, until_ms).await;
     down.store(false, Ordering::SeqCst);
-    eprintln!(
-        "{broker:?}: breaker open until {until_ms}; the second worker's first call: {:?} ({} ms before the end)",
-        early,
-        early.map(|at| until_ms.saturating_sub(at)).unwrap_or(0)
-    );
-    assert!(
-        early.is_none(),
-        "the second worker ran a job of the open kind"
-    );
-    let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
-    assert_eq!(results.len(), 11);
-    assert!(results.iter().all(|r| r.succeeded()), "{results:?}");
+    let what = format!("{broker:?}: the second worker");
+    no_early_call(&what, early, until_ms, &mut waiter, &ids).await;
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(15), second).await;
     stack.stop().await;
@@ -309,18 +318,8 @@ async fn a_worker_started_after_the_opener_is_gone_learns_it_from_another(broker
     tokio::time::sleep(Duration::from_millis(2000)).await;
     ids.extend(common::cluster::publish_all(&stack.client, (3..11).map(spec).collect()).await);
     let early = first_call_before(&calls, until_ms).await;
-    eprintln!(
-        "{broker:?}: breaker open until {until_ms}, the opener gone; first call of the others: {:?} ({} ms before the end)",
-        early,
-        early.map(|at| until_ms.saturating_sub(at)).unwrap_or(0)
-    );
-    assert!(
-        early.is_none(),
-        "a worker ran a job of the open kind after its opener had gone"
-    );
-    let results = waiter.wait_for(&ids, WAIT, |_| {}).await;
-    assert_eq!(results.len(), 11);
-    assert!(results.iter().all(|r| r.succeeded()), "{results:?}");
+    let what = format!("{broker:?}: after the opener had gone, a worker");
+    no_early_call(&what, early, until_ms, &mut waiter, &ids).await;
     stop_second.cancel();
     stop_third.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(15), second).await;

@@ -79,6 +79,26 @@ async fn rabbitmq_restarts_twice_during_a_run() {
     rabbit.kill9();
 }
 
+/// The aggregator of namespace `ns` on `url`, serving `http`, its store in `store`, its log in
+/// `dir`.
+fn aggregator(url: &str, ns: &str, http: std::net::SocketAddr, store: &Path, dir: &Path) -> Proc {
+    Proc::spawn(
+        "aggregator",
+        "conveyor-aggregator",
+        &[
+            "--broker",
+            url,
+            "--namespace",
+            ns,
+            "--http",
+            &http.to_string(),
+            "--store",
+            store.to_str().expect("utf-8"),
+        ],
+        dir,
+    )
+}
+
 async fn restarts_twice_during_a_run(broker: &mut dyn OwnBroker, dir: &Path, boot: Duration) {
     let addr = broker.addr();
     let url = broker.url();
@@ -86,21 +106,7 @@ async fn restarts_twice_during_a_run(broker: &mut dyn OwnBroker, dir: &Path, boo
     wait_listening(&addr, boot).await;
     let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let agg_store = dir.join("agg");
-    let _agg = Proc::spawn(
-        "aggregator",
-        "conveyor-aggregator",
-        &[
-            "--broker",
-            &url,
-            "--namespace",
-            "restart",
-            "--http",
-            &http.to_string(),
-            "--store",
-            agg_store.to_str().expect("utf-8"),
-        ],
-        dir,
-    );
+    let _agg = aggregator(&url, "restart", http, &agg_store, dir);
     let _worker = Proc::spawn(
         "worker",
         "conveyor-worker",
@@ -215,21 +221,7 @@ async fn zombie(broker: &mut dyn OwnBroker, url: &str, dir: &Path, boot: Duratio
     wait_listening(&addr, boot).await;
     let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let store = dir.join("agg");
-    let _agg = Proc::spawn(
-        "aggregator",
-        "conveyor-aggregator",
-        &[
-            "--broker",
-            url,
-            "--namespace",
-            "zombie",
-            "--http",
-            &http.to_string(),
-            "--store",
-            store.to_str().expect("utf-8"),
-        ],
-        dir,
-    );
+    let _agg = aggregator(url, "zombie", http, &store, dir);
     let worker = Proc::spawn(
         "worker",
         "conveyor-worker",
@@ -340,21 +332,7 @@ async fn rabbitmq_unacked_stays_within_prefetch_after_a_restart() {
     wait_listening(&addr, boot).await;
     let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let store = dir.path().join("agg");
-    let _agg = Proc::spawn(
-        "aggregator",
-        "conveyor-aggregator",
-        &[
-            "--broker",
-            &url,
-            "--namespace",
-            "storm",
-            "--http",
-            &http.to_string(),
-            "--store",
-            store.to_str().expect("utf-8"),
-        ],
-        dir.path(),
-    );
+    let _agg = aggregator(&url, "storm", http, &store, dir.path());
     let _worker = Proc::spawn(
         "worker",
         "conveyor-worker",
@@ -472,21 +450,7 @@ async fn cluster_cap_holds_across_a_restart(
     wait_listening(&addr, boot).await;
     let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let agg_store = dir.join("agg");
-    let _agg = Proc::spawn(
-        "aggregator",
-        "conveyor-aggregator",
-        &[
-            "--broker",
-            &url,
-            "--namespace",
-            "cap",
-            "--http",
-            &http.to_string(),
-            "--store",
-            agg_store.to_str().expect("utf-8"),
-        ],
-        dir,
-    );
+    let _agg = aggregator(&url, "cap", http, &agg_store, dir);
     let worker_args = [
         "--broker",
         &url,
