@@ -89,6 +89,7 @@ async fn kill_storm(broker: Broker) {
     // The storm is over; redelivered duplicates arrive before the verdict.
     let verdict = history.verdict(c.http, &ids, &[], WAIT).await;
     verdict.assert_clean("kill storm");
+    verdict.assert_statuses("kill storm", &["succeeded"]);
     let s = stats(&c).await;
     assert_eq!(s["results"], json!(JOBS), "every job id recorded once: {s}");
     assert_eq!(
@@ -264,6 +265,7 @@ async fn frozen_worker(broker: Broker) {
     };
     let verdict = history.verdict(c.http, &ids, &[], WAIT).await;
     verdict.assert_clean("frozen worker");
+    verdict.assert_statuses("frozen worker", &["succeeded"]);
     let s = stats(&c).await;
     assert_eq!(s["results"], json!(JOBS), "nothing applied twice: {s}");
     assert_eq!(s["by_status"], json!({ "succeeded": JOBS }), "{s}");

@@ -1,9 +1,9 @@
-//! Crash at every step, on both real brokers: a worker or the aggregator is made to abort at a
+//! Crash at every step, on both real brokers: a worker or the aggregator is made to die at a
 //! fault point (`CONVEYOR_FAULT`, see `src/fault.rs`) between a confirmed publish and the ack
 //! that would follow it, is replaced, and the checker (`tests/common/checker.rs`) compares what
 //! the producer saw confirmed and every result published with what the aggregator recorded:
 //! nothing lost, nothing unexpected, no record replaced by a later copy. Each test also shows
-//! that the crash happened where it was meant to (the process died of the abort, and the job it
+//! that the crash happened where it was meant to (the process was killed there, and the job it
 //! held ran again or the batch came again).
 
 mod common;
@@ -28,10 +28,13 @@ both_brokers!(
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Waits for `p` to die at its fault point (an abort: no exit code).
+/// Waits for `p` to die at its fault point (killed by a signal: no exit code).
 async fn aborted(p: &mut Proc, point: &str) {
     let code = p.wait_exit(WAIT).await;
-    assert_eq!(code, None, "{point}: killed by its abort, not an exit");
+    assert_eq!(
+        code, None,
+        "{point}: killed at its fault point, not an exit"
+    );
     assert!(
         p.log_text().contains(&format!("fault point {point}")),
         "{point}: the process passed its fault point:\n{}",
@@ -65,6 +68,7 @@ async fn a_worker_crashing_between_a_results_confirm_and_its_ack(broker: Broker)
     let specs = (0..12).map(|i| JobSpec::new("echo", json!({ "i": i })));
     let v = worker_crash(broker, "worker.before-ack", 4, specs.collect()).await;
     v.assert_clean("result confirmed, worker dead before the ack");
+    v.assert_statuses("echo", &["succeeded"]);
     assert_eq!(v.recorded, 12);
     assert!(
         v.ran_again >= 1 && v.duplicates_dropped >= 1,
@@ -76,6 +80,7 @@ async fn a_worker_crashing_between_a_dead_letter_and_its_ack(broker: Broker) {
     let specs = (0..6).map(|_| JobSpec::new("fail", json!({ "times": -1 })).max_attempts(1));
     let v = worker_crash(broker, "worker.before-ack", 2, specs.collect()).await;
     v.assert_clean("dead letter confirmed, worker dead before the ack");
+    v.assert_statuses("always failing", &["dead"]);
     assert_eq!(v.recorded, 6);
     assert!(
         v.ran_again >= 1 && v.duplicates_dropped >= 1,
@@ -94,6 +99,7 @@ async fn a_worker_crashing_between_a_retry_and_its_ack(broker: Broker) {
     let specs = (0..6).map(|_| JobSpec::new("fail", json!({ "times": 1 })).max_attempts(4));
     let v = worker_crash(broker, point, 2, specs.collect()).await;
     v.assert_clean("retry scheduled, worker dead before the ack");
+    v.assert_statuses("failing once", &["succeeded"]);
     assert_eq!(v.recorded, 6);
     if broker == Broker::Amqp {
         assert!(
@@ -121,6 +127,7 @@ async fn an_aggregator_crashing_between_its_commit_and_its_ack(broker: Broker) {
     let _restarted = cluster.aggregator("aggregator-2").await;
     let v = history.verdict(cluster.http, &ids, &[], WAIT).await;
     v.assert_clean("batch committed, aggregator dead before the ack");
+    v.assert_statuses("echo", &["succeeded"]);
     assert_eq!(v.recorded, 300);
     assert!(
         v.duplicates_dropped >= 1,
@@ -155,6 +162,7 @@ async fn an_aggregator_crashing_before_a_chords_callback(broker: Broker) {
         .verdict(cluster.http, &ids, std::slice::from_ref(&callback), WAIT)
         .await;
     v.assert_clean("chord committed, aggregator dead before its callback");
+    v.assert_statuses("chord", &["succeeded"]);
     assert_eq!(v.recorded, 6, "the five members and the callback");
     let (code, rec) = common::http_get(cluster.http, &path).await;
     assert_eq!((code, rec["status"].clone()), (200, json!("succeeded")));
@@ -206,6 +214,7 @@ async fn a_third_of_the_producers_confirms_lost(broker: Broker) {
         confirmed.len()
     );
     v.assert_clean("a third of the confirms lost");
+    v.assert_statuses("echo", &["succeeded"]);
     assert!(
         removed >= (JOBS / 3) as u64 - 2,
         "the proxy removed confirms: {removed}"
@@ -279,13 +288,15 @@ async fn a_worker_cut_off_for_30_s_rejoins_and_nothing_is_applied_twice(broker: 
         "the cut-off worker is still running:\n{}",
         cut.log_text()
     );
-    // After the partition it takes jobs again.
+    // After the partition it takes jobs again: both are live before the next jobs come.
+    cluster.wait_workers(2).await;
     let later = (0..40).map(|_| JobSpec::new("sleep", json!({ "ms": 300 })));
     let later = publish_all(&client, later.collect()).await;
     ids.extend(later.iter().cloned());
     let v = history.verdict(cluster.http, &ids, &[], WAIT).await;
     eprintln!("{broker:?}: partition of {:?}", cut_at.elapsed());
     v.assert_clean("a worker cut off for 30 s");
+    v.assert_statuses("sleep", &["succeeded"]);
     assert_eq!(v.recorded, 80);
     let mut after = 0;
     for id in &later {
@@ -299,4 +310,10 @@ async fn a_worker_cut_off_for_30_s_rejoins_and_nothing_is_applied_twice(broker: 
         after > 0,
         "the cut-off worker took jobs again without a restart"
     );
+    if broker == Broker::Nats {
+        assert!(
+            v.ran_again > 0,
+            "the cut-off worker held jobs when cut off: others ran them after their lease ({v:?})"
+        );
+    }
 }

@@ -5,7 +5,8 @@
 //! again, the workers cut off from the broker (a fault proxy stops forwarding), a third of the
 //! producer's confirms removed (a second proxy). Then everything is healed, the run drains, and
 //! the checker's verdict is asserted: nothing confirmed lost, nothing unexpected, no record
-//! replaced by a later copy, every chain's last step and chord's callback recorded.
+//! replaced by a later copy, every chain's last step and chord's callback recorded, and no
+//! record other than `succeeded` or `cancelled`.
 //!
 //! Faults go on for `CONVEYOR_NEMESIS_SECS` seconds (60 by default, which CI runs); a long run:
 //! `CONVEYOR_NEMESIS_SECS=1800 cargo test --test nemesis -- --nocapture`. The schedule's seed is
@@ -226,6 +227,7 @@ async fn nemesis(own: &mut Own, dir: &Path, boot: Duration) {
                 tokio::time::sleep(Duration::from_millis(1000)).await;
                 restarts += 1;
                 agg = aggregator(&format!("aggregator-{restarts}"));
+                wait_listening(&http.to_string(), Duration::from_secs(30)).await;
                 "kill -9 aggregator, started again after 1 s".into()
             }
             2 => {
@@ -281,17 +283,12 @@ async fn nemesis(own: &mut Own, dir: &Path, boot: Duration) {
     stop.cancel();
     let _ = workload.await;
     let p = std::mem::take(&mut *published.lock().expect("published"));
-    let mut maybe = p.maybe.clone();
-    maybe.extend(p.ends.iter().cloned());
+    // Each chain's last step and chord's callback must be recorded as much as a confirmed job.
+    let mut must = p.confirmed.clone();
+    must.extend(p.ends.iter().cloned());
     let v = history
-        .verdict(http, &p.confirmed, &maybe, Duration::from_secs(300))
+        .verdict(http, &must, &p.maybe, Duration::from_secs(300))
         .await;
-    let mut missing_ends = Vec::new();
-    for id in &p.ends {
-        if common::http_get(http, &format!("/jobs/{id}")).await.0 != 200 {
-            missing_ends.push(id.clone());
-        }
-    }
     println!(
         "nemesis on {url}, seed {seed}: {} faults in {secs} s; {} ids confirmed, {} maybe, {} \
          chain ends and chord callbacks, {} cancels; verdict {v:?}",
@@ -302,10 +299,8 @@ async fn nemesis(own: &mut Own, dir: &Path, boot: Duration) {
         p.cancels
     );
     v.assert_clean("nemesis");
-    assert!(
-        missing_ends.is_empty(),
-        "chain ends and chord callbacks never recorded: {missing_ends:?}"
-    );
+    // Cancelled jobs end `cancelled`, or `succeeded` if the request came too late; nothing fails.
+    v.assert_statuses("nemesis", &["succeeded", "cancelled"]);
     assert!(!faults.is_empty() && !p.confirmed.is_empty());
     drop(sup);
 }

@@ -241,7 +241,8 @@ async fn zombie(broker: &mut dyn OwnBroker, url: &str, dir: &Path, boot: Duratio
     let client = Client::connect(&BrokerUrl::parse(url).expect("url"), "zombie")
         .await
         .expect("client");
-    let history = History::observe(&client).await;
+    // A durable reader: an auto-deleted one could miss what comes while its client reconnects.
+    let history = History::observe_durably(&client).await;
     let job = || JobSpec::new("sleep", json!({"ms": 20}));
     let mut ids: Vec<String> = client
         .publish_many((0..200).map(|_| job()).collect(), 16, |_| {})
@@ -256,34 +257,24 @@ async fn zombie(broker: &mut dyn OwnBroker, url: &str, dir: &Path, boot: Duratio
     broker.pause(true);
     let stopped_at = std::time::Instant::now();
     // Published while the broker is stopped: each waits for its confirm and retries.
+    let during_ids: Vec<String> = (0..20).map(|i| format!("during-{i}")).collect();
     let during = {
         let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .publish_many((0..20).map(|_| job()).collect(), 4, |_| {})
-                .await
-        })
+        let specs = during_ids.iter().map(|id| job().id(id)).collect();
+        tokio::spawn(async move { client.publish_many(specs, 4, |_| {}).await })
     };
     tokio::time::sleep(stop).await;
-    let log = worker.log_text();
-    eprintln!(
-        "DBG {}",
-        log.lines()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let noticed_in_stop = log.contains("failed, retrying");
+    let noticed_in_stop = worker.log_text().contains("failed, retrying");
     broker.pause(false);
     let resumed_at = stopped_at.elapsed();
     let (mut confirmed, mut maybe) = (0, Vec::new());
-    for r in during.await.expect("publisher") {
+    for (id, r) in during_ids.iter().zip(during.await.expect("publisher")) {
         match r {
-            Ok(id) => {
+            Ok(_) => {
                 confirmed += 1;
-                ids.push(id);
+                ids.push(id.clone());
             }
-            Err(e) => maybe.push(e.to_string()),
+            Err(_) => maybe.push(id.clone()),
         }
     }
     ids.extend(
@@ -294,7 +285,7 @@ async fn zombie(broker: &mut dyn OwnBroker, url: &str, dir: &Path, boot: Duratio
             .map(|r| r.expect("confirmed after the stop")),
     );
     let v = history
-        .verdict(http, &ids, &[], Duration::from_secs(120))
+        .verdict(http, &ids, &maybe, Duration::from_secs(120))
         .await;
     println!(
         "{url}: stopped for {resumed_at:?}; the worker noticed during it: {noticed_in_stop}; \
@@ -302,6 +293,7 @@ async fn zombie(broker: &mut dyn OwnBroker, url: &str, dir: &Path, boot: Duratio
         maybe.len()
     );
     v.assert_clean("a zombie broker");
+    v.assert_statuses("a zombie broker", &["succeeded"]);
     assert!(
         noticed_in_stop,
         "the worker noticed the stopped broker within {stop:?} (a publish timed out and is \
@@ -411,7 +403,11 @@ async fn rabbitmq_unacked_stays_within_prefetch_after_a_restart() {
     println!(
         "{url}: {samples} samples after the restart, at most {most} unacked on a channel; {stats}"
     );
-    assert!(samples >= 3, "rabbitmqctl answered during the recovery");
+    assert!(samples >= 2, "rabbitmqctl answered during the recovery");
+    assert!(
+        most > 0,
+        "the worker consumed again within the sampled 10 s (else nothing was checked)"
+    );
     assert!(worst.is_empty(), "channels over their prefetch: {worst:?}");
     assert_eq!(stats["results"], json!(n), "{stats}");
     OwnBroker::kill9(&mut rabbit);

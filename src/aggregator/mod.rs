@@ -44,6 +44,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> Result<()> {
+    crate::fault::check()?;
     let dir = config.store_dir.clone();
     let cache = config.store_cache_bytes;
     let store = tokio::task::spawn_blocking(move || Store::open_with(&dir, cache))

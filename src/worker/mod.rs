@@ -197,6 +197,7 @@ pub async fn run(
     if config.concurrency == 0 {
         return Err(Error::Config("--concurrency must be at least 1".into()));
     }
+    crate::fault::check()?;
     registry.check()?;
     if let Some(kinds) = &config.kinds {
         registry.retain(kinds)?;

@@ -182,7 +182,10 @@ fn frame(framing: Drop, b: &[u8]) -> Option<(usize, bool)> {
 /// A NATS server frame: a control line, with a payload for `MSG` and `HMSG`.
 fn nats_frame(b: &[u8]) -> Option<(usize, bool)> {
     let eol = b.windows(2).position(|w| w == b"\r\n")?;
-    let line = std::str::from_utf8(&b[..eol]).ok()?;
+    let Ok(line) = std::str::from_utf8(&b[..eol]) else {
+        // Not a line of the protocol's: passed on as it is.
+        return Some((eol + 2, false));
+    };
     let words: Vec<&str> = line.split_whitespace().collect();
     let payload = match words.first().copied() {
         Some("MSG") => words.last()?.parse::<usize>().ok()?,
@@ -213,6 +216,7 @@ fn amqp_frame(b: &[u8]) -> Option<(usize, bool)> {
     if b.len() < len {
         return None;
     }
+    assert_eq!(b[len - 1], 0xCE, "the proxy lost the AMQP framing");
     const METHOD: u8 = 1;
     let basic_ack = b[0] == METHOD && size >= 4 && b[7..11] == [0, 60, 0, 80];
     Some((len, basic_ack))
