@@ -296,6 +296,19 @@ impl Cancels {
             reason,
         }
     }
+
+    /// Registers a job that is about to run, or ends it (`CancelRequested`, "cancelled before it
+    /// ran") when a request named it before.
+    pub fn track_to_run(self: &Arc<Self>, job: JobKeys<'_>) -> Result<Tracked, JobError> {
+        let tracked = self.track(job);
+        if tracked.token.is_cancelled() {
+            return Err(JobError::CancelRequested(format!(
+                "cancelled before it ran: {}",
+                tracked.reason()
+            )));
+        }
+        Ok(tracked)
+    }
 }
 
 impl<'a> JobKeys<'a> {
@@ -339,13 +352,7 @@ impl Control for CancelControl {
 
     fn call(self: Arc<Self>, job: Job, next: Next) -> BoxFuture<'static, Result<Value, JobError>> {
         Box::pin(async move {
-            let tracked = self.cancels.track(JobKeys::of(&job.meta));
-            if tracked.token.is_cancelled() {
-                return Err(JobError::CancelRequested(format!(
-                    "cancelled before it ran: {}",
-                    tracked.reason()
-                )));
-            }
+            let tracked = self.cancels.track_to_run(JobKeys::of(&job.meta))?;
             (self.on_start)(&job.meta);
             let token = job.cancel.clone();
             let run = next.oneshot(job);

@@ -113,15 +113,7 @@ impl Flights {
         match local.get(&h) {
             Some(l) => Entered::Follow(l.outcome.subscribe()),
             None => {
-                let ticket = self.new_ticket();
-                local.insert(
-                    h.clone(),
-                    Local {
-                        ticket,
-                        outcome: Arc::new(watch::channel(None).0),
-                    },
-                );
-                self.led.notify_waiters();
+                let (ticket, _) = self.open(&mut local, &h);
                 Entered::Lead(LocalLead {
                     flights: self.clone(),
                     hash: h,
@@ -146,8 +138,22 @@ impl Flights {
         self.local.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn new_ticket(&self) -> u64 {
-        self.tickets.fetch_add(1, Ordering::Relaxed) + 1
+    /// Puts the key `h` in flight here under a new ticket, telling whoever waits for a lead;
+    /// returns the ticket and the sender of its outcome.
+    fn open(
+        &self,
+        local: &mut HashMap<String, Local>,
+        h: &str,
+    ) -> (u64, Arc<watch::Sender<Option<Outcome>>>) {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed) + 1;
+        let outcome = Arc::new(watch::channel(None).0);
+        let entry = Local {
+            ticket,
+            outcome: outcome.clone(),
+        };
+        local.insert(h.to_string(), entry);
+        self.led.notify_waiters();
+        (ticket, outcome)
     }
 
     /// Ends the lead `ticket` of the key `h` (a later lead of the key stays).
@@ -263,14 +269,7 @@ where
             match local.get(&h) {
                 Some(l) if Some(l.ticket) == mine => Ok((l.ticket, l.outcome.clone())),
                 Some(l) => Err(l.outcome.subscribe()),
-                None => {
-                    let ticket = flights.new_ticket();
-                    let tx = Arc::new(watch::channel(None).0);
-                    let outcome = tx.clone();
-                    local.insert(h.clone(), Local { ticket, outcome });
-                    flights.led.notify_waiters();
-                    Ok((ticket, tx))
-                }
+                None => Ok(flights.open(&mut local, &h)),
             }
         };
         match entered {

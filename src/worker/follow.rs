@@ -90,25 +90,14 @@ async fn follow(
     else {
         return Err(JobError::retry("a waiting job was called twice"));
     };
-    let tracked = shared.cancels.track(JobKeys::of(&job.meta));
-    if tracked.token.is_cancelled() {
-        return Err(JobError::CancelRequested(format!(
-            "cancelled before it ran: {}",
-            tracked.reason()
-        )));
-    }
+    let stack = kind_stack(&shared, &job)?;
+    let tracked = shared.cancels.track_to_run(JobKeys::of(&job.meta))?;
     shared.events.emit(process::job_event(
         &job.meta,
         &shared.config.worker_id,
         JobState::Started,
         None,
     ));
-    let Some(stack) = shared.stacks.get(&job.meta.kind) else {
-        return Err(JobError::permanent(format!(
-            "unknown job kind {:?}",
-            job.meta.kind
-        )));
-    };
     let mut run = Some(run);
     let (svc, slot) = loop {
         if let Some(run) = run.take() {
@@ -150,21 +139,33 @@ async fn follow(
         }
     };
     drop((tracked, aside));
-    run_holding(slot, svc, job, shared.flights.enter(&key)).await
+    run_holding(slot, svc, job, Some(shared.flights.enter(&key))).await
 }
 
-/// Runs `job` through its kind's stack `svc`, admitted, holding `slot` until it is settled.
+/// The control stack of the job's kind.
+pub(crate) fn kind_stack<'a>(
+    shared: &'a Shared,
+    job: &Job,
+) -> Result<&'a controls::Stack, JobError> {
+    shared
+        .stacks
+        .get(&job.meta.kind)
+        .ok_or_else(|| JobError::permanent(format!("unknown job kind {:?}", job.meta.kind)))
+}
+
+/// Runs `job` through its kind's stack `svc`, admitted, holding `slot` until it is settled, as
+/// the leader of its singleflight key here if `entered` says it leads.
 pub(crate) async fn run_holding(
     slot: OwnedSemaphorePermit,
     mut svc: Next,
     job: Job,
-    entered: Entered,
+    entered: Option<Entered>,
 ) -> Result<Value, JobError> {
     controls::hold_until_settled(Box::new(slot));
     match entered {
-        Entered::Lead(lead) => lead.run(svc.call(job)).await,
-        // Taken just now: the singleflight control waits for it, in this job's slot.
-        Entered::Follow(_) => svc.call(job).await,
+        Some(Entered::Lead(lead)) => lead.run(svc.call(job)).await,
+        // No key, or one taken just now (the singleflight control waits for it in this slot).
+        _ => svc.call(job).await,
     }
 }
 

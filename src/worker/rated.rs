@@ -11,7 +11,7 @@
 
 use super::cancel::JobKeys;
 use super::controls::Next;
-use super::follow::{cancellable, run_holding};
+use super::follow::{cancellable, kind_stack, run_holding};
 use super::pacer::KeyedTokens;
 use super::registry::Job;
 use super::Shared;
@@ -55,19 +55,8 @@ async fn rated(
     let Some(wait) = wait else {
         return Err(JobError::retry("a rated job was called twice"));
     };
-    let Some(stack) = shared.stacks.get(&job.meta.kind) else {
-        return Err(JobError::permanent(format!(
-            "unknown job kind {:?}",
-            job.meta.kind
-        )));
-    };
-    let tracked = shared.cancels.track(JobKeys::of(&job.meta));
-    if tracked.token.is_cancelled() {
-        return Err(JobError::CancelRequested(format!(
-            "cancelled before it ran: {}",
-            tracked.reason()
-        )));
-    }
+    let stack = kind_stack(&shared, &job)?;
+    let tracked = shared.cancels.track_to_run(JobKeys::of(&job.meta))?;
     let admitted = async {
         cancellable(&tracked, wait.keyed.take(&wait.value)).await?;
         drop(wait.aside);
@@ -88,11 +77,5 @@ async fn rated(
     };
     drop(tracked);
     let entered = wait.flight_key.map(|k| shared.flights.enter(&k));
-    match entered {
-        Some(entered) => run_holding(slot, svc, job, entered).await,
-        None => {
-            super::controls::hold_until_settled(Box::new(slot));
-            svc.oneshot(job).await
-        }
-    }
+    run_holding(slot, svc, job, entered).await
 }

@@ -36,6 +36,14 @@ struct State {
 }
 
 impl State {
+    /// Forgets the extra consumers' channel: it was lost, with its consumers and their
+    /// deliveries.
+    fn forget_channel(&mut self) {
+        self.ch = None;
+        self.live.clear();
+        self.capacity = 0;
+    }
+
     /// Cancels the live extra consumers (in the background: this runs where no await can).
     fn cancel_all(&mut self) {
         self.capacity = 0;
@@ -72,10 +80,7 @@ impl Room {
 
     /// Forgets the extra consumers: their channel was lost.
     pub(super) fn lost(&self) {
-        let mut s = self.lock();
-        s.ch = None;
-        s.live.clear();
-        s.capacity = 0;
+        self.lock().forget_channel();
     }
 
     /// Opens one more extra consumer on `queue` if what is set aside exceeds their capacity.
@@ -88,10 +93,7 @@ impl Room {
         let (more, ch) = {
             let mut s = self.lock();
             if s.ch.as_ref().is_some_and(|ch| !ch.status().connected()) {
-                // A lost channel took its consumers and their deliveries with it.
-                s.ch = None;
-                s.live.clear();
-                s.capacity = 0;
+                s.forget_channel();
             }
             if s.aside <= s.capacity {
                 return Ok(());
