@@ -15,6 +15,7 @@
 mod common;
 
 use common::checker::History;
+use common::own_broker::OwnBroker;
 use common::own_nats::OwnNats;
 use common::own_rabbit::OwnRabbit;
 use common::proxy::{Drop, Proxy};
@@ -28,52 +29,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// A broker of the test's own.
-enum Own {
-    Nats(OwnNats),
-    Rabbit(OwnRabbit),
-}
-
-impl Own {
-    fn url(&self) -> String {
-        match self {
-            // Short pings and heartbeats: a stopped broker is noticed within seconds.
-            Own::Nats(n) => format!("{}?ping_interval=5s", n.url()),
-            Own::Rabbit(r) => format!("amqp://guest:guest@{}/%2f?heartbeat=5", r.addr()),
-        }
-    }
-    fn addr(&self) -> String {
-        match self {
-            Own::Nats(n) => n.addr(),
-            Own::Rabbit(r) => r.addr(),
-        }
-    }
-    fn start(&mut self) {
-        match self {
-            Own::Nats(n) => n.start(),
-            Own::Rabbit(r) => r.start(),
-        }
-    }
-    fn kill9(&mut self) {
-        match self {
-            Own::Nats(n) => n.kill9(),
-            Own::Rabbit(r) => r.kill9(),
-        }
-    }
-    fn pause(&self, on: bool) {
-        match self {
-            Own::Nats(n) => n.pause(on),
-            Own::Rabbit(r) => r.pause(on),
-        }
-    }
-    fn confirms(&self) -> Drop {
-        match self {
-            Own::Nats(_) => Drop::NatsPubAcks { every: 3 },
-            Own::Rabbit(_) => Drop::AmqpConfirms { every: 3 },
-        }
-    }
-}
-
 fn seconds() -> u64 {
     std::env::var("CONVEYOR_NEMESIS_SECS")
         .ok()
@@ -85,18 +40,38 @@ fn seconds() -> u64 {
 async fn nats_nemesis() {
     common::ensure_up(common::Broker::Nats);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut own = Own::Nats(OwnNats::new(dir.path().join("js")));
-    nemesis(&mut own, dir.path(), Duration::from_secs(10)).await;
-    own.kill9();
+    let mut nats = OwnNats::new(dir.path().join("js"));
+    // Short pings: a stopped broker is noticed within seconds.
+    let url = format!("{}?ping_interval=5s", nats.url());
+    let confirms = Drop::NatsPubAcks { every: 3 };
+    nemesis(
+        &mut nats,
+        &url,
+        confirms,
+        dir.path(),
+        Duration::from_secs(10),
+    )
+    .await;
+    nats.kill9();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_nemesis() {
     common::ensure_up(common::Broker::Amqp);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut own = Own::Rabbit(OwnRabbit::new(dir.path().join("rabbit")));
-    nemesis(&mut own, dir.path(), Duration::from_secs(90)).await;
-    own.kill9();
+    let mut rabbit = OwnRabbit::new(dir.path().join("rabbit"));
+    // Short heartbeats: a stopped broker is noticed within seconds.
+    let url = format!("{}?heartbeat=5", OwnBroker::url(&rabbit));
+    let confirms = Drop::AmqpConfirms { every: 3 };
+    nemesis(
+        &mut rabbit,
+        &url,
+        confirms,
+        dir.path(),
+        Duration::from_secs(90),
+    )
+    .await;
+    rabbit.kill9();
 }
 
 /// `url` with its port replaced by `port`'s.
@@ -121,7 +96,9 @@ struct Published {
     cancels: u32,
 }
 
-async fn nemesis(own: &mut Own, dir: &Path, boot: Duration) {
+/// The nemesis on `own`, which clients reach at `url`; `confirms` names the confirms of its
+/// protocol that the producer's proxy removes.
+async fn nemesis(own: &mut dyn OwnBroker, url: &str, confirms: Drop, dir: &Path, boot: Duration) {
     let secs = seconds();
     let seed: u64 = std::env::var("CONVEYOR_NEMESIS_SEED")
         .ok()
@@ -129,9 +106,9 @@ async fn nemesis(own: &mut Own, dir: &Path, boot: Duration) {
         .unwrap_or_else(rand::random);
     own.start();
     wait_listening(&own.addr(), boot).await;
-    let url = own.url();
+    let url = url.to_string();
     let workers_proxy = Proxy::start(&own.addr(), Drop::Nothing).await;
-    let producer_proxy = Proxy::start(&own.addr(), own.confirms()).await;
+    let producer_proxy = Proxy::start(&own.addr(), confirms).await;
     producer_proxy.set_dropping(false);
     let worker_url = through(&url, workers_proxy.addr.port());
     let producer_url = through(&url, producer_proxy.addr.port());

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::own_broker::OwnBroker;
 use common::own_nats::OwnNats;
 use common::own_rabbit::OwnRabbit;
 use common::{free_port, http_get, results_within, wait_for_results, wait_listening, Proc};
@@ -12,54 +13,6 @@ use conveyor::{BrokerUrl, Client, JobSpec};
 use serde_json::json;
 use std::path::Path;
 use std::time::Duration;
-
-/// A broker process of the test's own that can be killed and started again on the same port and
-/// store.
-trait OwnBroker {
-    fn url(&self) -> String;
-    fn addr(&self) -> String;
-    fn start(&mut self);
-    fn kill9(&mut self);
-    /// SIGSTOP (`true`) or SIGCONT the broker: a zombie that holds its connections and answers
-    /// nothing.
-    fn pause(&self, on: bool);
-}
-
-impl OwnBroker for OwnNats {
-    fn url(&self) -> String {
-        OwnNats::url(self)
-    }
-    fn addr(&self) -> String {
-        OwnNats::addr(self)
-    }
-    fn start(&mut self) {
-        OwnNats::start(self)
-    }
-    fn kill9(&mut self) {
-        OwnNats::kill9(self)
-    }
-    fn pause(&self, on: bool) {
-        OwnNats::pause(self, on)
-    }
-}
-
-impl OwnBroker for OwnRabbit {
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.addr())
-    }
-    fn addr(&self) -> String {
-        OwnRabbit::addr(self)
-    }
-    fn start(&mut self) {
-        OwnRabbit::start(self)
-    }
-    fn kill9(&mut self) {
-        OwnRabbit::kill9(self)
-    }
-    fn pause(&self, on: bool) {
-        OwnRabbit::pause(self, on)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restarts_twice_during_a_run() {

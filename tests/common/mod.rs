@@ -3,6 +3,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod own_broker;
 pub mod own_nats;
 pub mod own_rabbit;
 pub mod pg;
