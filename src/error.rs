@@ -75,6 +75,10 @@ pub enum Error {
     /// A job of a workflow (a MapReduce stage, say) did not succeed.
     #[error("workflow failed: {0}")]
     Workflow(String),
+    /// A compare-and-set change of state kept in the broker (the schedules) lost to other changes
+    /// every time it was tried.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The operation stopped because shutdown was requested.
     #[error("shutting down")]
     Shutdown,

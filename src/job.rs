@@ -99,6 +99,25 @@ impl JobSpec {
         self
     }
 
+    /// Not to start for `delay` from now: sets `Conveyor-Not-Before`. The job waits in the
+    /// broker, holding no worker slot and spending no attempt.
+    pub fn delay(self, delay: Duration) -> Self {
+        // Past what a clock holds: a time no worker accepts (dead-lettered as too far ahead).
+        let at = std::time::SystemTime::now()
+            .checked_add(delay)
+            .unwrap_or(std::time::UNIX_EPOCH + Duration::from_millis(u64::MAX));
+        self.not_before(at)
+    }
+
+    /// Not to start before `at`: sets `Conveyor-Not-Before` (epoch milliseconds).
+    pub fn not_before(mut self, at: std::time::SystemTime) -> Self {
+        let ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.headers.insert(header::NOT_BEFORE, ms.to_string());
+        self
+    }
+
     /// Sets the reply address (from [`crate::Client::reply_inbox`]).
     pub fn reply_to(mut self, to: impl Into<String>) -> Self {
         self.reply_to = Some(to.into());
@@ -145,6 +164,35 @@ pub fn id_of(h: &Headers) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// When a job may start, from `Conveyor-Not-Before` or else `Conveyor-Delay-Ms` (counted from
+/// now), in milliseconds since the epoch; an error names the header. At most
+/// [`crate::protocol::MAX_DELAY`] ahead.
+pub fn not_before_of(h: &Headers) -> std::result::Result<Option<u64>, String> {
+    let max = u64::try_from(crate::protocol::MAX_DELAY.as_millis()).unwrap_or(u64::MAX);
+    let (name, at) = match (
+        h.get(header::NOT_BEFORE),
+        num_header::<u64>(h, header::DELAY_MS)?,
+    ) {
+        (Some(v), _) => (
+            header::NOT_BEFORE,
+            crate::protocol::parse_not_before(v)
+                .map_err(|e| format!("bad header {}: {e}", header::NOT_BEFORE))?,
+        ),
+        (None, Some(ms)) if ms > max => {
+            return Err(format!(
+                "bad header {}: {ms} ms is more than {max} ms (366 days) ahead",
+                header::DELAY_MS
+            ))
+        }
+        (None, Some(ms)) => (header::DELAY_MS, now_ms().saturating_add(ms)),
+        (None, None) => return Ok(None),
+    };
+    if at > now_ms().saturating_add(max) {
+        return Err(format!("bad header {name}: more than 366 days ahead"));
+    }
+    Ok(Some(at))
+}
+
 /// What a worker knows about a delivered job, read from its headers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobMeta {
@@ -170,6 +218,9 @@ pub struct JobMeta {
     pub chain_rest: Vec<String>,
     /// `Conveyor-Dedup-Key`: jobs with the same key in flight together run once.
     pub dedup_key: Option<String>,
+    /// Not to start before this time (milliseconds since the epoch): `Conveyor-Not-Before`, or
+    /// `Conveyor-Delay-Ms` counted from now.
+    pub not_before: Option<u64>,
 }
 
 /// Headers a worker copies from a job onto its result, so that the aggregator and waiters can
@@ -263,6 +314,7 @@ impl JobMeta {
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?,
         };
+        let not_before = not_before_of(h)?;
         let mut group: Vec<(String, String)> = WORKFLOW_HEADERS
             .iter()
             .filter_map(|n| h.get(n).map(|v| (n.to_string(), v.to_string())))
@@ -286,7 +338,13 @@ impl JobMeta {
             group,
             chain_rest,
             dedup_key: dedup_key_of(h).map(str::to_string),
+            not_before,
         })
+    }
+
+    /// When the job is not due yet: its time, in milliseconds since the epoch.
+    pub fn due_later(&self) -> Option<u64> {
+        self.not_before.filter(|t| *t > now_ms())
     }
 
     /// The value of a workflow header this job carries.

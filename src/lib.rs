@@ -19,6 +19,7 @@ pub mod job;
 pub mod message;
 pub mod protocol;
 pub mod result;
+pub mod schedule;
 pub mod shutdown;
 pub mod supervisor;
 pub mod transport;

@@ -57,6 +57,19 @@ pub mod header {
     pub const RETRY_DELAY_MS: &str = "Conveyor-Retry-Delay-Ms";
     /// NATS JetStream de-duplication id.
     pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+    /// Not to start before this time: RFC 3339 (`2026-12-01T10:00:00Z`) or milliseconds since
+    /// the Unix epoch. Until then the job waits in the broker.
+    pub const NOT_BEFORE: &str = "Conveyor-Not-Before";
+    /// Not to start for this many milliseconds, counted from when a worker first takes the job
+    /// (a client that knows the time sends `Conveyor-Not-Before` instead, as Conveyor's does).
+    pub const DELAY_MS: &str = "Conveyor-Delay-Ms";
+    /// Set on a delayed job when it is moved back to its kind at its time (JetStream): it runs
+    /// now, whatever the clock of the worker that takes it says.
+    pub const RELEASED: &str = "Conveyor-Released";
+    /// On a job a scheduler published: the schedule's name.
+    pub const SCHEDULE: &str = "Conveyor-Schedule";
+    /// On a job a scheduler published: its tick's time, in milliseconds since the Unix epoch.
+    pub const TICK: &str = "Conveyor-Tick";
 }
 
 /// Final state of a job, as carried in `Conveyor-Status`.
@@ -211,14 +224,17 @@ pub fn tee_consumer_name(name: &str, kind: &str) -> String {
     format!("tee={name}={}", kind.replace('.', "="))
 }
 
+/// One word of 1 to 64 letters, digits, `-` and `_` (a namespace, a schedule's name).
+pub(crate) fn is_word(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// Checks a namespace: one word of letters, digits, `-` and `_`.
 pub fn validate_namespace(ns: &str) -> Result<()> {
-    let ok = !ns.is_empty()
-        && ns.len() <= 64
-        && ns
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if ok {
+    if is_word(ns) {
         Ok(())
     } else {
         Err(Error::Config(format!(
@@ -245,6 +261,10 @@ impl Names {
         &self.ns
     }
 
+    /// `<ns>.delayed.<kind>`: NATS subject of a kind's jobs waiting for their time.
+    pub fn delayed_subject(&self, kind: &str) -> String {
+        format!("{}.delayed.{kind}", self.ns)
+    }
     /// `<ns>.jobs.<kind>`: NATS subject of a kind's jobs.
     pub fn job_subject(&self, kind: &str) -> String {
         format!("{}.jobs.{kind}", self.ns)
@@ -346,6 +366,56 @@ pub fn retry_delay_ms(delay: std::time::Duration) -> u64 {
     ms.clamp(1 << 6, 1 << 31).next_power_of_two()
 }
 
+/// The furthest ahead a job may be delayed: a later `Conveyor-Not-Before` is a mistake.
+pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(366 * 86_400);
+
+/// The longest a waiting job stays in the broker before a worker sees it again (and finds it
+/// cancelled, if it was): shorter than [`CONTROL_RETENTION`], for which cancels are remembered.
+pub const PARK_HOP_MAX: std::time::Duration = std::time::Duration::from_millis(1 << 20);
+
+/// Reads `Conveyor-Not-Before`: RFC 3339, or milliseconds since the Unix epoch. Returns
+/// milliseconds since the epoch.
+pub fn parse_not_before(value: &str) -> std::result::Result<u64, String> {
+    let v = value.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return v
+            .parse::<u64>()
+            .map_err(|_| format!("{v:?} is too large a number of milliseconds"));
+    }
+    let bad = |why: String| format!("{v:?} is neither RFC 3339 nor epoch milliseconds ({why})");
+    // humantime reads UTC times; an offset (`+02:00`) is applied here.
+    let split = |i: usize| Some((v.get(..i)?, v.get(i..)?));
+    let (utc, offset_s) = match v.len().checked_sub(6).and_then(split) {
+        Some((time, off))
+            if (off.starts_with('+') || off.starts_with('-')) && off.get(3..4) == Some(":") =>
+        {
+            let num = |s: Option<&str>| {
+                s.and_then(|s| s.parse::<u8>().ok())
+                    .map(i64::from)
+                    .ok_or_else(|| bad(format!("bad offset {off:?}")))
+            };
+            let secs = num(off.get(1..3))? * 3600 + num(off.get(4..6))? * 60;
+            (time, if off.starts_with('-') { -secs } else { secs })
+        }
+        _ => (v, 0),
+    };
+    let t = humantime::parse_rfc3339_weak(utc).map_err(|e| bad(e.to_string()))?;
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .map_err(|_| format!("{v:?} is before 1970"))?;
+    u64::try_from(ms.saturating_sub(offset_s * 1000)).map_err(|_| format!("{v:?} is before 1970"))
+}
+
+/// AMQP: the delay queue a job due in `remaining_ms` waits in next: the longest of
+/// [`retry_delays_ms`] that does not pass its time, at most [`PARK_HOP_MAX`] (at least the
+/// shortest). A job comes back from each hop and waits again until it is due.
+pub fn park_hop_ms(remaining_ms: u64) -> u64 {
+    let max = PARK_HOP_MAX.as_millis() as u64;
+    let ms = remaining_ms.clamp(1 << 6, max);
+    1u64 << (63 - ms.leading_zeros())
+}
+
 /// A JetStream consumer name for a kind's shared worker consumer (no dots allowed there).
 pub fn consumer_name_for_kind(kind: &str) -> String {
     // '.' is not allowed in consumer names; '=' is not allowed in kinds, so this is one-to-one.
@@ -354,6 +424,60 @@ pub fn consumer_name_for_kind(kind: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn not_before_reads_rfc3339_and_epoch_milliseconds() {
+        assert_eq!(
+            super::parse_not_before("1700000000000"),
+            Ok(1_700_000_000_000)
+        );
+        assert_eq!(
+            super::parse_not_before("2023-11-14T22:13:20Z"),
+            Ok(1_700_000_000_000)
+        );
+        assert_eq!(
+            super::parse_not_before("2023-11-14T22:13:20.5Z"),
+            Ok(1_700_000_000_500)
+        );
+        assert_eq!(
+            super::parse_not_before("2023-11-15T00:13:20+02:00"),
+            Ok(1_700_000_000_000)
+        );
+        assert_eq!(
+            super::parse_not_before("2023-11-14T21:13:20-01:00"),
+            Ok(1_700_000_000_000)
+        );
+        for bad in [
+            "",
+            "soon",
+            "-5",
+            "2023-13-40T00:00:00Z",
+            "99999999999999999999999",
+            "2023-11-14T22:13:20+0x:00",
+            "2023-11-14T22:13:20+é:00",
+            "2023-11-14T22:13:2é:00",
+            "+é:0é",
+        ] {
+            assert!(super::parse_not_before(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_park_hop_never_passes_the_due_time_and_is_bounded() {
+        assert_eq!(super::park_hop_ms(10), 64);
+        assert_eq!(super::park_hop_ms(64), 64);
+        assert_eq!(super::park_hop_ms(1000), 512);
+        assert_eq!(super::park_hop_ms(1024), 1024);
+        assert_eq!(super::park_hop_ms(30 * 86_400_000), 1 << 20);
+        for ms in [65u64, 999, 5_000, 123_456, 1_048_575] {
+            let hop = super::park_hop_ms(ms);
+            assert!(hop <= ms && hop * 2 > ms, "{ms}: {hop}");
+            assert!(
+                super::retry_delays_ms().any(|d| d == hop),
+                "{hop} has a queue"
+            );
+        }
+    }
+
     #[test]
     fn a_rate_keys_value_has_a_bucket_no_kind_can_name() {
         let b = rate_bucket("fetch", Some("acme"));

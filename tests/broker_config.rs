@@ -134,6 +134,20 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
         text(&retried),
         logs()
     );
+    // A delayed job waits in the broker (NATS: the delayed stream, moved back by the worker
+    // user; RabbitMQ: the delay queues).
+    let delayed = publish_with(
+        "echo",
+        r#"{"later":true}"#,
+        "cfg-delayed-1",
+        &["--delay", "2s"],
+    );
+    assert!(
+        delayed.status.success() && text(&delayed).contains("\"status\":\"succeeded\""),
+        "delayed job with the role users:\n{}\n{}",
+        text(&delayed),
+        logs()
+    );
     let addr = http.parse().expect("address");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -146,6 +160,60 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!("round trip with the role users: echo and a retried job succeeded and were recorded");
+
+    // Periodic jobs with the producer user: a schedule added, listed, and a scheduler that
+    // leads and publishes its ticks.
+    let producer = |args: &[&str]| {
+        let mut all = vec!["--broker", &producer_url, "--namespace", NS, "schedule"];
+        all.extend_from_slice(args);
+        run("conveyor-producer", &all)
+    };
+    let added = producer(&["add", "cfg-beat", "--kind", "echo", "--every", "1s"]);
+    assert!(added.status.success(), "schedule add: {}", text(&added));
+    let listed = producer(&["list"]);
+    assert!(
+        listed.status.success() && text(&listed).contains("\"cfg-beat\""),
+        "schedule list: {}",
+        text(&listed)
+    );
+    let ran = producer(&["run", "--for", "4s"]);
+    let report = text(&ran);
+    assert!(
+        ran.status.success() && report.contains("this scheduler leads"),
+        "schedule run: {report}"
+    );
+    // (The producer's refused declarations of the shared topology, which it then checks
+    // passively, are expected; refusals of what schedules use are not.)
+    let refused: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("ACCESS_REFUSED") || l.contains("Permissions Violation"))
+        .filter(|l| {
+            ["registers", "REGISTERS", "flights", "FLIGHTS"]
+                .iter()
+                .any(|r| l.contains(r))
+        })
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the scheduler met refusals: {refused:#?}"
+    );
+    let published: u64 = report
+        .split("published ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        published >= 2,
+        "the scheduler published {published} ticks: {report}"
+    );
+    let removed = producer(&["remove", "cfg-beat"]);
+    assert!(
+        removed.status.success(),
+        "schedule remove: {}",
+        text(&removed)
+    );
+    println!("schedules with the producer user: {published} ticks published in 4 s");
 
     // Singleflight and the cluster-wide cap with the worker user: three jobs with one key.
     let keyed = publish_with(
@@ -276,31 +344,76 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
         logs()
     );
 
-    // The worker user cannot publish jobs.
     let as_worker = transport::connect(&roles.parsed("worker"), NS)
         .await
         .expect("worker user connects");
-    let mut headers = conveyor::Headers::new();
-    headers.insert("Conveyor-Id", "cfg-by-worker");
-    let job = Message::new(headers, r#"{"from":"worker"}"#.as_bytes().to_vec());
-    let refused = tokio::time::timeout(
-        Duration::from_secs(20),
-        as_worker.publish(Route::Job("echo".into()), job),
-    )
-    .await
-    .expect("a refused publish answers in bounded time");
-    assert!(
-        refused.is_err(),
-        "the worker user published a job: {refused:?}"
-    );
-    println!(
-        "worker user publishing a job: {}",
-        refused.err().map(|e| e.to_string()).unwrap_or_default()
-    );
-    // Had it gone through, the running worker would have done it and the aggregator recorded it.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (status, _) = http_get(addr, "/jobs/cfg-by-worker").await;
-    assert_eq!(status, 404, "a job published by the worker user was run");
+    if worker_url.starts_with("nats") {
+        // On NATS the worker user publishes jobs: a chain runs to its last step.
+        let chain = run(
+            "conveyor-producer",
+            &[
+                "--broker",
+                &producer_url,
+                "--namespace",
+                NS,
+                "chain",
+                "echo,echo,echo",
+                "--payload",
+                r#"{"chain":true}"#,
+                "--id",
+                "cfg-chain",
+                "--wait",
+                "--wait-timeout",
+                "30s",
+            ],
+        );
+        assert!(
+            chain.status.success(),
+            "a chain with the role users:\n{}\n{}",
+            text(&chain),
+            logs()
+        );
+        // It still cannot read the results.
+        let read = tokio::time::timeout(
+            Duration::from_secs(20),
+            as_worker.consume(Source::Results("forged".into()), ConsumeOptions::default()),
+        )
+        .await
+        .expect("a refused consume answers in bounded time");
+        match read {
+            Err(e) => println!("worker user reading results: {e}"),
+            Ok(mut stream) => {
+                let got = tokio::time::timeout(Duration::from_secs(3), stream.next()).await;
+                assert!(
+                    !matches!(got, Ok(Some(Ok(_)))),
+                    "the worker user read a result"
+                );
+            }
+        }
+    } else {
+        // On RabbitMQ the worker user cannot publish jobs.
+        let mut headers = conveyor::Headers::new();
+        headers.insert("Conveyor-Id", "cfg-by-worker");
+        let job = Message::new(headers, r#"{"from":"worker"}"#.as_bytes().to_vec());
+        let refused = tokio::time::timeout(
+            Duration::from_secs(20),
+            as_worker.publish(Route::Job("echo".into()), job),
+        )
+        .await
+        .expect("a refused publish answers in bounded time");
+        assert!(
+            refused.is_err(),
+            "the worker user published a job: {refused:?}"
+        );
+        println!(
+            "worker user publishing a job: {}",
+            refused.err().map(|e| e.to_string()).unwrap_or_default()
+        );
+        // Had it gone through, the running worker would have done it and the aggregator recorded it.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (status, _) = http_get(addr, "/jobs/cfg-by-worker").await;
+        assert_eq!(status, 404, "a job published by the worker user was run");
+    }
     let _ = as_worker.close().await;
 
     // The producer user cannot consume jobs.

@@ -24,6 +24,8 @@ both_brokers!(
     an_aggregator_crashing_before_a_chords_callback,
     a_third_of_the_producers_confirms_lost,
     a_worker_cut_off_for_30_s_rejoins_and_nothing_is_applied_twice,
+    a_producer_cut_off_for_30_s_publishes_again_without_a_restart,
+    an_aggregator_cut_off_for_30_s_catches_up_without_a_restart,
 );
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -43,12 +45,15 @@ async fn aborted(p: &mut Proc, point: &str) {
 }
 
 /// A worker of one slot aborts at `point` on its `pass`-th pass; another takes over. Returns
-/// the checker's verdict on `specs`.
+/// the checker's verdict on `specs`, once the aggregator has dropped `copies` copies (a job run
+/// again after the crash comes back only after its lease, which the verdict need not wait for),
+/// or after [`WAIT`].
 async fn worker_crash(
     broker: Broker,
     point: &str,
     pass: u32,
     specs: Vec<JobSpec>,
+    copies: u64,
 ) -> common::checker::Verdict {
     let cluster = Cluster::new(broker);
     let _aggregator = cluster.aggregator("aggregator").await;
@@ -61,12 +66,21 @@ async fn worker_crash(
     let ids = publish_all(&client, specs).await;
     aborted(&mut first, point).await;
     let _second = cluster.worker("worker-2", &args);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while common::stats(cluster.http).await["duplicates"]
+        .as_u64()
+        .unwrap_or(0)
+        < copies
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     history.verdict(cluster.http, &ids, &[], WAIT).await
 }
 
 async fn a_worker_crashing_between_a_results_confirm_and_its_ack(broker: Broker) {
     let specs = (0..12).map(|i| JobSpec::new("echo", json!({ "i": i })));
-    let v = worker_crash(broker, "worker.before-ack", 4, specs.collect()).await;
+    let v = worker_crash(broker, "worker.before-ack", 4, specs.collect(), 1).await;
     v.assert_clean("result confirmed, worker dead before the ack");
     v.assert_statuses("echo", &["succeeded"]);
     assert_eq!(v.recorded, 12);
@@ -78,7 +92,7 @@ async fn a_worker_crashing_between_a_results_confirm_and_its_ack(broker: Broker)
 
 async fn a_worker_crashing_between_a_dead_letter_and_its_ack(broker: Broker) {
     let specs = (0..6).map(|_| JobSpec::new("fail", json!({ "times": -1 })).max_attempts(1));
-    let v = worker_crash(broker, "worker.before-ack", 2, specs.collect()).await;
+    let v = worker_crash(broker, "worker.before-ack", 2, specs.collect(), 1).await;
     v.assert_clean("dead letter confirmed, worker dead before the ack");
     v.assert_statuses("always failing", &["dead"]);
     assert_eq!(v.recorded, 6);
@@ -97,7 +111,8 @@ async fn a_worker_crashing_between_a_retry_and_its_ack(broker: Broker) {
         Broker::Nats => "worker.before-retry",
     };
     let specs = (0..6).map(|_| JobSpec::new("fail", json!({ "times": 1 })).max_attempts(4));
-    let v = worker_crash(broker, point, 2, specs.collect()).await;
+    let copies = u64::from(broker == Broker::Amqp);
+    let v = worker_crash(broker, point, 2, specs.collect(), copies).await;
     v.assert_clean("retry scheduled, worker dead before the ack");
     v.assert_statuses("failing once", &["succeeded"]);
     assert_eq!(v.recorded, 6);
@@ -316,4 +331,136 @@ async fn a_worker_cut_off_for_30_s_rejoins_and_nothing_is_applied_twice(broker: 
             "the cut-off worker held jobs when cut off: others ran them after their lease ({v:?})"
         );
     }
+}
+
+/// The producer reaches the broker through a proxy, which stops forwarding both ways for 30 s
+/// while it publishes a job every 100 ms, then heals. Publishes made during the partition end,
+/// each confirmed or failed (none hangs), the same client's publishes are confirmed again soon
+/// after the partition, and every confirmed job is recorded once.
+async fn a_producer_cut_off_for_30_s_publishes_again_without_a_restart(broker: Broker) {
+    use common::proxy::Drop;
+    let cluster = Cluster::new(broker);
+    let _aggregator = cluster.aggregator("aggregator").await;
+    let _worker = cluster.worker("worker", &["--concurrency", "8", "--kinds", "echo"]);
+    cluster.wait_workers(1).await;
+    let client = cluster.client().await;
+    let history = History::observe(&client).await;
+    let (proxy, through) = proxied(broker, Drop::Nothing).await;
+    let url = conveyor::BrokerUrl::parse(&through).expect("url");
+    let producer = conveyor::Client::connect(&url, &cluster.ns)
+        .await
+        .expect("producer through the proxy");
+    let start = std::time::Instant::now();
+    let (cut_at, heal_at) = (Duration::from_secs(5), Duration::from_secs(35));
+    let mut publishes = Vec::new();
+    for i in 0..500u32 {
+        let id = format!("{}-{i}", cluster.ns);
+        let spec = JobSpec::new("echo", json!({ "i": i })).id(&id);
+        let p = producer.clone();
+        publishes.push(tokio::spawn(async move {
+            let sent = start.elapsed();
+            let r = p.publish(&spec).await;
+            (id, sent, start.elapsed(), r.is_ok())
+        }));
+        let now = start.elapsed();
+        if now >= cut_at && now < heal_at && !proxy.is_stalled() {
+            proxy.stall(true);
+        }
+        if now >= heal_at && proxy.is_stalled() {
+            proxy.stall(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if start.elapsed() > heal_at + Duration::from_secs(15) {
+            break;
+        }
+    }
+    let (mut confirmed, mut maybe) = (Vec::new(), Vec::new());
+    let mut first_after_heal: Option<Duration> = None;
+    let (mut during, mut during_failed) = (0, 0);
+    for p in publishes {
+        let (id, sent, done, ok) = tokio::time::timeout(WAIT, p)
+            .await
+            .expect("a publish made during the partition ends within a minute")
+            .expect("publish task");
+        if sent >= cut_at && sent < heal_at {
+            during += 1;
+            during_failed += usize::from(!ok);
+        }
+        if ok {
+            if sent >= heal_at {
+                first_after_heal = Some(first_after_heal.map_or(done, |f| f.min(done)));
+            }
+            confirmed.push(id);
+        } else {
+            maybe.push(id);
+        }
+    }
+    let v = history
+        .verdict(cluster.http, &confirmed, &maybe, WAIT)
+        .await;
+    let first = first_after_heal.expect("publishes after the partition were confirmed");
+    eprintln!(
+        "{broker:?}: {} confirmed, {} not; {during} published during the partition, \
+         {during_failed} of them failed; first confirm of a publish after the heal at {first:?} \
+         (healed at {heal_at:?})",
+        confirmed.len(),
+        maybe.len()
+    );
+    v.assert_clean("a producer cut off for 30 s");
+    v.assert_statuses("echo", &["succeeded"]);
+    assert!(
+        during > 200,
+        "publishes were made during the partition: {during}"
+    );
+    assert!(
+        first < heal_at + Duration::from_secs(15),
+        "the same client publishes again within 15 s of the heal: {first:?}"
+    );
+}
+
+/// The aggregator reaches the broker through a proxy, which stops forwarding both ways for 30 s
+/// while jobs finish, then heals. Its HTTP API answers throughout; afterwards it records every
+/// result (those held in the broker meanwhile, and copies of any it had read but not acked, which
+/// it drops), without a restart.
+async fn an_aggregator_cut_off_for_30_s_catches_up_without_a_restart(broker: Broker) {
+    use common::proxy::Drop;
+    let cluster = Cluster::new(broker);
+    let (proxy, through) = proxied(broker, Drop::Nothing).await;
+    let mut aggregator = cluster.aggregator_at("aggregator", &through, &[]).await;
+    let _worker = cluster.worker("worker", &["--concurrency", "8", "--kinds", "sleep"]);
+    cluster.wait_workers(1).await;
+    let client = cluster.client().await;
+    let history = History::observe(&client).await;
+    let first = (0..40).map(|_| JobSpec::new("sleep", json!({ "ms": 100 })));
+    let mut ids = publish_all(&client, first.collect()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.stall(true);
+    let during = (0..40).map(|_| JobSpec::new("sleep", json!({ "ms": 100 })));
+    ids.extend(publish_all(&client, during.collect()).await);
+    let mut recorded_during = Vec::new();
+    for _ in 0..30 {
+        let (code, stats) = common::http_get(cluster.http, "/stats").await;
+        assert_eq!(code, 200, "the HTTP API answers while cut off: {stats}");
+        recorded_during.push(stats["results"].as_u64().unwrap_or(0));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    proxy.stall(false);
+    let v = history.verdict(cluster.http, &ids, &[], WAIT).await;
+    eprintln!(
+        "{broker:?}: records during the partition {:?}..{:?}",
+        recorded_during.first(),
+        recorded_during.last()
+    );
+    v.assert_clean("an aggregator cut off for 30 s");
+    v.assert_statuses("sleep", &["succeeded"]);
+    assert_eq!(v.recorded, 80);
+    assert!(
+        recorded_during.last() < Some(&80),
+        "the aggregator was cut off: it could not record everything meanwhile"
+    );
+    assert!(
+        aggregator.try_alive(),
+        "the same aggregator caught up:\n{}",
+        aggregator.log_text()
+    );
 }

@@ -26,6 +26,7 @@ both_brokers!(
     fail_retries_then_succeeds_or_dead_letters,
     bad_input_goes_straight_to_the_dead_letters,
     many_jobs_are_recorded_once,
+    a_workers_events_arrive_in_the_order_it_sent_them,
     long_job_keeps_its_lease,
     panicking_handler_fails_only_its_job,
     deadline_fails_the_attempt,
@@ -263,6 +264,50 @@ async fn many_jobs_are_recorded_once(broker: Broker) {
     let stats = wait_for_results(stack.http, n as u64, WAIT).await;
     assert_eq!(stats["results"], json!(n), "{stats}");
     assert_eq!(stats["by_status"]["succeeded"], json!(n));
+    stack.stop().await;
+}
+
+/// 1,000 echo jobs on a worker of 8 slots: each job's `started` event reaches a watcher before
+/// its `succeeded` one (an echo ends a moment after it starts, so events sent over channels or
+/// connections that race each other would arrive swapped).
+async fn a_workers_events_arrive_in_the_order_it_sent_them(broker: Broker) {
+    use futures::StreamExt;
+    let stack = Stack::start(broker, test_worker_config()).await;
+    let mut events = conveyor::events::watch(stack.client.transport().as_ref(), Some("echo"))
+        .await
+        .expect("watch");
+    let n = 1000;
+    let specs: Vec<JobSpec> = (0..n)
+        .map(|i| JobSpec::new("echo", json!({"i": i})))
+        .collect();
+    for r in stack.client.publish_many(specs, 32, |_| {}).await {
+        r.expect("confirmed");
+    }
+    let mut started = std::collections::HashSet::new();
+    let (mut ended, mut swapped) = (0, Vec::new());
+    while ended < n {
+        let ev = tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("events within the wait")
+            .expect("event stream");
+        match ev.state.as_str() {
+            "started" => {
+                started.insert(ev.id);
+            }
+            "succeeded" => {
+                ended += 1;
+                if !started.contains(&ev.id) {
+                    swapped.push(ev.id);
+                }
+            }
+            _ => {}
+        }
+    }
+    eprintln!(
+        "{broker:?}: {n} jobs, {} ended before they started",
+        swapped.len()
+    );
+    assert!(swapped.is_empty(), "succeeded before started: {swapped:?}");
     stack.stop().await;
 }
 

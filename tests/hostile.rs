@@ -5,49 +5,11 @@
 mod common;
 
 use common::cluster::Cluster;
-use common::{http_get, test_worker_config, Broker, Stack};
+use common::{http_get, python, recorded, test_worker_config, Broker, Stack};
 use conveyor::protocol::Names;
 use conveyor::JobSpec;
 use serde_json::{json, Value};
-use std::process::Command;
 use std::time::Duration;
-
-/// Runs a Python program with `args`, bounded by 60 s; its stdout.
-async fn python(program: &str, args: Vec<String>) -> String {
-    let program = program.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("timeout")
-            .args(["60", "python3", "-c", &program])
-            .args(args)
-            .output()
-    })
-    .await
-    .expect("task")
-    .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "python failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Polls `/jobs/{id}` until the job has a result; panics with the last answer after `within`.
-async fn recorded(http: std::net::SocketAddr, id: &str, within: Duration) -> Value {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let (status, body) = http_get(http, &format!("/jobs/{id}")).await;
-        if status == 200 {
-            return body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job {id} not recorded within {within:?}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 const REPLY_PROBE: &str = r#"
 import asyncio, json, sys

@@ -1,9 +1,11 @@
 //! The nemesis: a steady mixed workload (echo and sleep jobs, chains, groups, chords, cancels)
 //! on a broker of the test's own, while a random schedule of faults hits it: a worker killed
-//! with -9 (its supervisor restarts it), the aggregator killed with -9 and started again, a
-//! worker, the aggregator or the broker stopped with SIGSTOP, the broker killed -9 and started
-//! again, the workers cut off from the broker (a fault proxy stops forwarding), a third of the
-//! producer's confirms removed (a second proxy). Then everything is healed, the run drains, and
+//! with -9 (its supervisor restarts it), the aggregator or the supervisor killed with -9 and
+//! started again (the killed supervisor's workers drain and exit), a worker, the aggregator,
+//! the supervisor or the broker stopped with SIGSTOP, the broker killed -9 and started again,
+//! the workers, the producer or the aggregator cut off from the broker (a fault proxy of each
+//! stops forwarding), a third of the producer's confirms removed. The producer is the test
+//! itself, so it is partitioned rather than stopped. Then everything is healed, the run drains, and
 //! the checker's verdict is asserted: nothing confirmed lost, nothing unexpected, no record
 //! replaced by a later copy, every chain's last step and chord's callback recorded, and no
 //! record other than `succeeded` or `cancelled`.
@@ -84,6 +86,8 @@ fn through(url: &str, port: u16) -> String {
 /// What the workload published.
 #[derive(Default)]
 struct Published {
+    /// When each id was published, in seconds since the faults began.
+    at: std::collections::HashMap<String, f64>,
     /// Ids confirmed by the broker.
     confirmed: Vec<String>,
     /// Ids that may be recorded or not: a publish not confirmed, a chain's later steps, a
@@ -108,9 +112,11 @@ async fn nemesis(own: &mut dyn OwnBroker, url: &str, confirms: Drop, dir: &Path,
     wait_listening(&own.addr(), boot).await;
     let url = url.to_string();
     let workers_proxy = Proxy::start(&own.addr(), Drop::Nothing).await;
+    let aggregator_proxy = Proxy::start(&own.addr(), Drop::Nothing).await;
     let producer_proxy = Proxy::start(&own.addr(), confirms).await;
     producer_proxy.set_dropping(false);
     let worker_url = through(&url, workers_proxy.addr.port());
+    let aggregator_url = through(&url, aggregator_proxy.addr.port());
     let producer_url = through(&url, producer_proxy.addr.port());
     let ns = "nemesis";
     let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -121,7 +127,7 @@ async fn nemesis(own: &mut dyn OwnBroker, url: &str, confirms: Drop, dir: &Path,
             "conveyor-aggregator",
             &[
                 "--broker",
-                &url,
+                &aggregator_url,
                 "--namespace",
                 ns,
                 "--http",
@@ -134,35 +140,38 @@ async fn nemesis(own: &mut dyn OwnBroker, url: &str, confirms: Drop, dir: &Path,
     };
     let mut agg = aggregator("aggregator-0");
     let worker_bin = common::bin("conveyor-worker");
-    let sup = Proc::spawn(
-        "supervisor",
-        "conveyor-supervisor",
-        &[
-            "--workers",
-            "3",
-            "--restart-backoff",
-            "50ms..1s",
-            "--max-restarts",
-            "100000",
-            "--within",
-            "60s",
-            "--drain-timeout",
-            "10s",
-            "--",
-            worker_bin.to_str().expect("utf-8"),
-            "--broker",
-            &worker_url,
-            "--namespace",
-            ns,
-            "--lease",
-            "3s",
-            "--concurrency",
-            "8",
-            "--kinds",
-            "echo,sleep",
-        ],
-        dir,
-    );
+    let supervisor = |name: &str| {
+        Proc::spawn(
+            name,
+            "conveyor-supervisor",
+            &[
+                "--workers",
+                "3",
+                "--restart-backoff",
+                "50ms..1s",
+                "--max-restarts",
+                "100000",
+                "--within",
+                "60s",
+                "--drain-timeout",
+                "10s",
+                "--",
+                worker_bin.to_str().expect("utf-8"),
+                "--broker",
+                &worker_url,
+                "--namespace",
+                ns,
+                "--lease",
+                "3s",
+                "--concurrency",
+                "8",
+                "--kinds",
+                "echo,sleep",
+            ],
+            dir,
+        )
+    };
+    let mut sup = supervisor("supervisor-0");
     wait_listening(&http.to_string(), Duration::from_secs(30)).await;
     let observer = Client::connect(&BrokerUrl::parse(&url).expect("url"), ns)
         .await
@@ -173,21 +182,23 @@ async fn nemesis(own: &mut dyn OwnBroker, url: &str, confirms: Drop, dir: &Path,
         .expect("producer");
     let published = Arc::new(Mutex::new(Published::default()));
     let stop = CancellationToken::new();
+    let started = Instant::now();
     let workload = tokio::spawn(workload(
         producer.clone(),
         published.clone(),
         stop.clone(),
         seed,
+        started,
     ));
     println!("nemesis on {url}: {secs} s of faults, seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
-    let started = Instant::now();
-    let mut faults: Vec<String> = Vec::new();
+    let mut faults: Vec<(f64, String)> = Vec::new();
     let mut restarts = 0;
+    let mut sup_restarts = 0;
     while started.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_millis(rng.random_range(4_000..10_000))).await;
         let at = started.elapsed().as_secs_f64();
-        let fault = rng.random_range(0..8);
+        let fault = rng.random_range(0..12);
         let what = match fault {
             0 => {
                 let pids = common::children_of(sup.pid());
@@ -244,18 +255,45 @@ async fn nemesis(own: &mut dyn OwnBroker, url: &str, confirms: Drop, dir: &Path,
                 signal(agg.pid(), "CONT");
                 "SIGSTOP aggregator for 5 s".into()
             }
-            _ => {
+            7 => {
                 own.pause(true);
                 tokio::time::sleep(Duration::from_secs(6)).await;
                 own.pause(false);
                 "SIGSTOP broker for 6 s".into()
             }
+            8 => {
+                sup.kill9();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                sup_restarts += 1;
+                sup = supervisor(&format!("supervisor-{sup_restarts}"));
+                "kill -9 supervisor, started again after 0.5 s".into()
+            }
+            9 => {
+                signal(sup.pid(), "STOP");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                signal(sup.pid(), "CONT");
+                "SIGSTOP supervisor for 5 s".into()
+            }
+            10 => {
+                producer_proxy.stall(true);
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                producer_proxy.stall(false);
+                "producer cut off from the broker for 8 s".into()
+            }
+            _ => {
+                aggregator_proxy.stall(true);
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                aggregator_proxy.stall(false);
+                "aggregator cut off from the broker for 8 s".into()
+            }
         };
         println!("  {at:6.1} s: {what}");
-        faults.push(what);
+        faults.push((at, what));
     }
     // Heal: every process runs, every link forwards, every confirm passes; stop publishing.
     workers_proxy.stall(false);
+    aggregator_proxy.stall(false);
+    producer_proxy.stall(false);
     producer_proxy.set_dropping(false);
     stop.cancel();
     let _ = workload.await;
@@ -275,11 +313,49 @@ async fn nemesis(own: &mut dyn OwnBroker, url: &str, confirms: Drop, dir: &Path,
         p.ends.len(),
         p.cancels
     );
+    explain_lost(&v.lost, &p.at, &faults, dir);
     v.assert_clean("nemesis");
     // Cancelled jobs end `cancelled`, or `succeeded` if the request came too late; nothing fails.
     v.assert_statuses("nemesis", &["succeeded", "cancelled"]);
     assert!(!faults.is_empty() && !p.confirmed.is_empty());
     drop(sup);
+}
+
+/// For each lost id (the first 10): when it was published, the faults around then, and the log
+/// lines of every process that name it.
+fn explain_lost(
+    lost: &[String],
+    at: &std::collections::HashMap<String, f64>,
+    faults: &[(f64, String)],
+    dir: &Path,
+) {
+    if lost.is_empty() {
+        return;
+    }
+    let logs: Vec<(String, String)> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    (name, std::fs::read_to_string(e.path()).unwrap_or_default())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for id in lost.iter().take(10) {
+        let when = at.get(id).copied().unwrap_or(f64::NAN);
+        println!("lost {id}, published at {when:.1} s; faults within 20 s of it:");
+        for (t, what) in faults.iter().filter(|(t, _)| (t - when).abs() <= 20.0) {
+            println!("    {t:6.1} s: {what}");
+        }
+        for (name, text) in &logs {
+            for line in text.lines().filter(|l| l.contains(id.as_str())) {
+                println!("    {name}: {line}");
+            }
+        }
+    }
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -294,6 +370,7 @@ async fn workload(
     published: Arc<Mutex<Published>>,
     stop: CancellationToken,
     seed: u64,
+    started: Instant,
 ) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut n = 0u64;
@@ -336,15 +413,20 @@ async fn workload(
             }
         };
         let ids: Vec<String> = specs.iter().filter_map(|s| s.id.clone()).collect();
+        let when = started.elapsed().as_secs_f64();
         let results = client.publish_many(specs, 8, |_| {}).await;
         let all_confirmed = results.iter().all(Result::is_ok);
         {
             let mut p = published.lock().expect("published");
             for (id, r) in ids.iter().zip(&results) {
+                p.at.insert(id.clone(), when);
                 match r {
                     Ok(_) => p.confirmed.push(id.clone()),
                     Err(_) => p.maybe.push(id.clone()),
                 }
+            }
+            for id in later.iter().chain(&ends) {
+                p.at.insert(id.clone(), when);
             }
             p.maybe.extend(later);
             if all_confirmed {

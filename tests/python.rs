@@ -1,4 +1,4 @@
-//! The README's Python examples, run for real against both brokers with a worker running.
+//! The Python examples of docs/protocol.md, run for real against both brokers with a worker running.
 
 mod common;
 
@@ -18,10 +18,11 @@ async fn python_example_round_trip(broker: Broker) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let script = root.join("examples/python").join(file);
     let source = std::fs::read_to_string(&script).expect("example exists");
-    let readme = std::fs::read_to_string(root.join("README.md")).expect("README exists");
+    let readme =
+        std::fs::read_to_string(root.join("docs/protocol.md")).expect("docs/protocol.md exists");
     assert!(
         readme.contains(source.trim()),
-        "README.md must show {file} verbatim"
+        "docs/protocol.md must show {file} verbatim"
     );
     let module = if broker == Broker::Nats {
         "nats"

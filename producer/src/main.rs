@@ -9,6 +9,7 @@ mod bench_cmd;
 mod cancel_cmd;
 mod mapreduce_cmd;
 mod publish;
+mod schedule_cmd;
 mod tee_cmd;
 mod watch_cmd;
 mod workers_cmd;
@@ -52,6 +53,8 @@ enum Command {
     Watch(watch_cmd::WatchArgs),
     /// List the live workers, from their heartbeats.
     Workers(workers_cmd::WorkersArgs),
+    /// Periodic jobs: add, list, remove, pause and resume schedules, or run a scheduler.
+    Schedule(schedule_cmd::ScheduleArgs),
     /// Delete the namespace's streams, or exchanges and queues, with every job and result in them.
     DeleteNamespace(DeleteArgs),
 }
@@ -96,8 +99,14 @@ pub(crate) async fn sleep_or_never(d: Option<std::time::Duration>) {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    conveyor::cli::init_tracing("warn");
     let args = Args::parse();
+    // A scheduler says when it takes or loses the lead.
+    conveyor::cli::init_tracing(match &args.command {
+        Command::Schedule(schedule_cmd::ScheduleArgs {
+            command: schedule_cmd::ScheduleCommand::Run { .. },
+        }) => "warn,conveyor::schedule=info",
+        _ => "warn",
+    });
     let url = args.broker.url();
     let ns = &args.broker.namespace;
     let outcome = match args.command {
@@ -110,6 +119,7 @@ async fn main() -> std::process::ExitCode {
         Command::Mapreduce(m) => mapreduce_cmd::run(&url, ns, m).await,
         Command::Watch(w) => watch_cmd::run(&url, ns, w).await,
         Command::Workers(w) => workers_cmd::run(&url, ns, w).await,
+        Command::Schedule(s) => schedule_cmd::run(&url, ns, s).await,
         Command::DeleteNamespace(d) => delete_namespace(&url, ns, d).await,
     };
     match outcome {

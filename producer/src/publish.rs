@@ -36,6 +36,13 @@ pub struct PublishArgs {
     /// run once across the cluster and all end with that outcome.
     #[arg(long)]
     dedup_key: Option<String>,
+    /// Do not start the job for this long (`10s`, `10m`, `2h`): it waits in the broker.
+    #[arg(long, value_parser = parse_delay, conflicts_with = "at")]
+    delay: Option<Duration>,
+    /// Do not start the job before this time: RFC 3339 (`2026-12-01T10:00:00Z`) or
+    /// milliseconds since the Unix epoch.
+    #[arg(long, value_parser = parse_at)]
+    at: Option<u64>,
     /// Body encoding: json or bincode.
     #[arg(long, default_value = "json")]
     codec: Codec,
@@ -48,6 +55,25 @@ pub struct PublishArgs {
     /// Publishes awaiting their confirm at once.
     #[arg(long, default_value_t = 256)]
     in_flight: usize,
+}
+
+fn parse_at(s: &str) -> Result<u64, String> {
+    let at = conveyor::protocol::parse_not_before(s)?;
+    let max = conveyor::job::now_ms().saturating_add(
+        u64::try_from(conveyor::protocol::MAX_DELAY.as_millis()).unwrap_or(u64::MAX),
+    );
+    if at > max {
+        return Err(format!("{s:?} is more than 366 days ahead"));
+    }
+    Ok(at)
+}
+
+fn parse_delay(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > conveyor::protocol::MAX_DELAY {
+        return Err(format!("{s:?} is more than 366 days"));
+    }
+    Ok(d)
 }
 
 fn read_payloads(args: &PublishArgs) -> anyhow::Result<Vec<Value>> {
@@ -128,6 +154,12 @@ pub async fn run(
             if let Some(key) = &args.dedup_key {
                 spec = spec.dedup_key(key.clone());
             }
+            if let Some(d) = args.delay {
+                spec = spec.delay(d);
+            }
+            if let Some(ms) = args.at {
+                spec = spec.not_before(std::time::UNIX_EPOCH + Duration::from_millis(ms));
+            }
             if let Some(w) = &waiter {
                 spec.reply_to = Some(w.address().to_string());
             }
@@ -165,8 +197,15 @@ pub async fn run(
     };
     let bar = progress(ids.len(), "done");
     let mut all_ok = failed_publishes == 0;
+    // A delayed job's wait starts at its time.
+    let until = args.at.map(|ms| {
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+    });
+    let patience = args.wait_timeout + args.delay.or(until).unwrap_or_default();
     let done = waiter
-        .wait_for(&ids, args.wait_timeout, |r| {
+        .wait_for(&ids, patience, |r| {
             bar.inc(1);
             let line = serde_json::to_string(r).unwrap_or_default();
             bar.suspend(|| println!("{line}"));
@@ -182,7 +221,7 @@ pub async fn run(
             "{} of {} job(s) had no result within {:?}",
             ids.len() - done.len(),
             ids.len(),
-            args.wait_timeout
+            patience
         );
     }
     client.close().await?;

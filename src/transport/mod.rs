@@ -29,6 +29,20 @@ pub enum Route {
     Dead(String),
     /// A reply address a waiting client gave (best effort: the waiter may be gone).
     Reply(String),
+    /// A job of this kind that is not due until `until_ms` (milliseconds since the epoch), into
+    /// the broker's waiting place (durable, confirmed). It comes back to the kind's consumers by
+    /// itself (RabbitMQ: from a delay queue, maybe before its time, and waits again), or from
+    /// [`Source::Waiting`] (JetStream).
+    Waiting {
+        /// Job kind.
+        kind: String,
+        /// When it is due.
+        until_ms: u64,
+    },
+    /// A waiting job whose time has come, back to its kind's consumers (durable, confirmed).
+    /// JetStream de-duplicates it per id and time, not per id: the job's own publish is within
+    /// the window.
+    Due(String),
 }
 
 /// What to consume.
@@ -43,6 +57,10 @@ pub enum Source {
     Results(String),
     /// All dead letters, for the named reader.
     Dead(String),
+    /// Jobs waiting for their time (JetStream; see [`Transport::releases_waiting`]): each is
+    /// delivered again and again (with [`Delivery::retry`]'s delay) until it is published with
+    /// [`Route::Due`] and acked.
+    Waiting,
     /// A copy of every job of `kind` published from the moment the tee exists, for the tee
     /// `name` (audit, shadow traffic). Workers are unaffected: the copies wait in a backlog of
     /// their own, of at most `backlog` messages, where the oldest copy is dropped for a new one.
@@ -221,6 +239,13 @@ pub trait Transport: Send + Sync + 'static {
     /// Consumes a durable source.
     async fn consume(&self, source: Source, opts: ConsumeOptions) -> Result<DeliveryStream>;
 
+    /// True when jobs published with [`Route::Waiting`] wait in [`Source::Waiting`], from which a
+    /// worker moves each to its kind when due (JetStream); false when they come back by
+    /// themselves (RabbitMQ's delay queues).
+    fn releases_waiting(&self) -> bool {
+        false
+    }
+
     /// Checks that a job's reply address `to` is one a reply may go to, before anything is
     /// published there (an error says why not; the job is then dead-lettered). NATS replies must
     /// stay in the inbox space ([`crate::protocol::check_nats_reply`]); RabbitMQ replies can only
@@ -311,6 +336,19 @@ pub trait Transport: Send + Sync + 'static {
     /// process holds it. A claim of a process that dies is freed by the broker (RabbitMQ when its
     /// connection closes, JetStream when it is not refreshed for [`FLIGHT_TTL`]).
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn FlightClaim>>>;
+
+    /// Reads register `name` (letters, digits, '-' and '_'): a small value the broker keeps
+    /// durably, with its revision; `None` when it was never written.
+    async fn read_register(&self, name: &str) -> Result<Option<(u64, bytes::Bytes)>>;
+
+    /// Writes register `name` if its revision is still `expected` (0: never written): the new
+    /// revision, or `None` when another write came first.
+    async fn write_register(
+        &self,
+        name: &str,
+        expected: u64,
+        value: bytes::Bytes,
+    ) -> Result<Option<u64>>;
 
     /// Copies waiting in tee `name` of `kind` (delivered and unsettled ones included where the
     /// broker counts them).

@@ -75,6 +75,12 @@ impl Transport for Offline {
     async fn claim_flight(&self, _: &str) -> Result<Option<Box<dyn FlightClaim>>> {
         offline("claim flight")
     }
+    async fn read_register(&self, _: &str) -> Result<Option<(u64, bytes::Bytes)>> {
+        offline("read register")
+    }
+    async fn write_register(&self, _: &str, _: u64, _: bytes::Bytes) -> Result<Option<u64>> {
+        offline("write register")
+    }
     async fn tee_backlog(&self, _: &str, _: &str) -> Result<u64> {
         offline("tee backlog")
     }

@@ -22,6 +22,7 @@ pub mod registry;
 pub mod resources;
 mod stacks;
 pub mod timeout;
+mod waiting;
 
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -313,6 +314,9 @@ pub async fn run(
             .run_until_cancelled(tokio::time::sleep(breaker::LEARN_OPEN))
             .await;
     }
+    let releaser = transport
+        .releases_waiting()
+        .then(|| tokio::spawn(waiting::release(shared.clone(), shutdown.clone())));
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
     let followers = Arc::new(Semaphore::new(shared.config.max_followers));
     let jobs = TaskTracker::new();
@@ -367,6 +371,9 @@ pub async fn run(
     }
     tracing::info!("no longer taking jobs; draining");
     pumps.wait().await;
+    if let Some(releaser) = releaser {
+        let _ = releaser.await;
+    }
     jobs.close();
     let drain = shared.config.drain_timeout;
     tokio::select! {
@@ -473,6 +480,11 @@ async fn pump(
                 break;
             }
         };
+        // Taken before its time: it waits in the broker, and the admission stays for the next.
+        if let Some((meta, due)) = waiting::later(&shared, &delivery) {
+            jobs.spawn(waiting::park(shared.clone(), delivery, meta, due));
+            continue;
+        }
         let key = flight_key(&shared, &delivery);
         let rate = rate_value(&shared, &delivery);
         let waiting = Waiting {

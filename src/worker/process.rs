@@ -174,6 +174,7 @@ fn fallback_meta(delivery: &Delivery, kind: &str) -> JobMeta {
         group: Vec::new(),
         chain_rest: Vec::new(),
         dedup_key: None,
+        not_before: None,
     }
 }
 
@@ -304,7 +305,12 @@ async fn retry(shared: &Shared, delivery: Delivery, meta: &JobMeta, err: &JobErr
 
 /// Dead-letters a job: the original message plus the reason to the dead letters, a `dead` result,
 /// then the ack. Publishes are confirmed before the ack; if they fail the job is redelivered.
-async fn dead(shared: &Shared, delivery: Delivery, meta: &JobMeta, reason: &str) -> Outcome {
+pub(crate) async fn dead(
+    shared: &Shared,
+    delivery: Delivery,
+    meta: &JobMeta,
+    reason: &str,
+) -> Outcome {
     dead_as(shared, delivery, meta, reason, Status::Dead).await
 }
 

@@ -237,11 +237,11 @@ mod tests {
             k.prefetch, 2,
             "the kind's prefetch is its concurrency limit"
         );
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../docs/controls.md");
         let order = controls::ORDER.join(" → ");
         assert!(
             readme.contains(&order),
-            "the README's Controls section gives the order as {order:?}"
+            "docs/controls.md gives the order as {order:?}"
         );
     }
 

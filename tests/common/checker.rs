@@ -132,6 +132,12 @@ impl History {
                 .collect(),
             ..Verdict::default()
         };
+        v.lost_but_published = v
+            .lost
+            .iter()
+            .filter(|id| first.contains_key(id.as_str()))
+            .cloned()
+            .collect();
         for (id, rec) in &records {
             v.recorded += 1;
             let status = rec["status"].as_str().unwrap_or("?").to_string();
@@ -183,6 +189,9 @@ fn same(r: &JobResult, rec: &Value) -> bool {
 pub struct Verdict {
     /// Confirmed ids without a record.
     pub lost: Vec<String>,
+    /// Those of the lost ids whose result the observer read: a worker ran them and published
+    /// the result, and the aggregator did not record it.
+    pub lost_but_published: Vec<String>,
     /// Records of ids nobody confirmed.
     pub unexpected: usize,
     /// Records that are not the first result published for their id.

@@ -63,6 +63,11 @@ impl Cluster {
 
     /// An aggregator with extra environment variables (a fault point: `CONVEYOR_FAULT`).
     pub async fn aggregator_env(&self, name: &str, env: &[(&str, &str)]) -> Proc {
+        self.aggregator_at(name, &self.url, env).await
+    }
+
+    /// An aggregator reaching the broker at `url` (through a fault proxy).
+    pub async fn aggregator_at(&self, name: &str, url: &str, env: &[(&str, &str)]) -> Proc {
         let store = self.dir.path().join("store");
         let http = self.http.to_string();
         let p = Proc::spawn_env(
@@ -70,7 +75,7 @@ impl Cluster {
             "conveyor-aggregator",
             &[
                 "--broker",
-                &self.url,
+                url,
                 "--namespace",
                 &self.ns,
                 "--store",

@@ -571,3 +571,40 @@ pub fn wait_within(child: &mut Child, timeout: Duration, what: &str) -> std::pro
     dog.check();
     status
 }
+
+/// Runs a Python program with `args`, bounded by 60 s; its stdout.
+pub async fn python(program: &str, args: Vec<String>) -> String {
+    let program = program.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .args(["60", "python3", "-c", &program])
+            .args(args)
+            .output()
+    })
+    .await
+    .expect("task")
+    .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `/jobs/{id}` until the job has a result; panics with the last answer after `within`.
+pub async fn recorded(http: std::net::SocketAddr, id: &str, within: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (status, body) = http_get(http, &format!("/jobs/{id}")).await;
+        if status == 200 {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} not recorded within {within:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

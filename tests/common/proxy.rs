@@ -77,6 +77,11 @@ impl Proxy {
         self.stalled.send_replace(on);
     }
 
+    /// Forwarding is stopped.
+    pub fn is_stalled(&self) -> bool {
+        *self.stalled.borrow()
+    }
+
     /// Removes the confirms its [`Drop`] names (`true`, from the start) or none (`false`), from
     /// now on, on every connection.
     pub fn set_dropping(&self, on: bool) {

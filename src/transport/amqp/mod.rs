@@ -83,6 +83,12 @@ struct Inner {
     retry_queues: Arc<Mutex<HashSet<String>>>,
     /// Channels with consumers on them, closed with a round trip first by `close`.
     consumer_channels: Mutex<Vec<(lapin::Channel, u16)>>,
+    /// The one channel events and heartbeats go out on, so that they reach the broker, and a
+    /// watcher, in the order this process sent them (pooled channels race each other). Opened
+    /// on first use and again once closed.
+    broadcasts: tokio::sync::Mutex<Option<lapin::Channel>>,
+    /// Held while this process reads or writes a register (see `registers`).
+    register_turn: tokio::sync::Mutex<()>,
     /// The byte bound of the jobs, results and dead-letter queues, and whether the URL named it.
     max_bytes: u64,
     max_bytes_named: bool,
@@ -338,6 +344,8 @@ impl Inner {
             names,
             retry_queues: Arc::default(),
             consumer_channels: Mutex::default(),
+            broadcasts: tokio::sync::Mutex::default(),
+            register_turn: tokio::sync::Mutex::default(),
             max_bytes: url
                 .max_bytes()
                 .unwrap_or(crate::broker_url::DEFAULT_MAX_BYTES),
@@ -700,6 +708,13 @@ impl Inner {
                 self.declare_bound(&binding).await?;
                 q
             }
+            Source::Waiting => {
+                return Err(Error::Config(
+                    "RabbitMQ has no waiting jobs' source: waiting jobs come back from their \
+                     delay queues by themselves"
+                        .into(),
+                ))
+            }
             Source::Tee {
                 kind,
                 name,
@@ -824,8 +839,23 @@ struct AmqpFlight {
 #[async_trait]
 impl super::FlightClaim for AmqpFlight {
     async fn refresh(&self) -> Result<()> {
-        // The exclusive queue lives as long as its connection.
-        still_held(&self.ch, "refresh claim")
+        // The exclusive queue lives as long as its connection. A round trip on the claim's own
+        // channel asks the broker rather than the client's idea of the connection: a process
+        // that was frozen past its heartbeat learns here that the broker dropped its claim.
+        still_held(&self.ch, "refresh claim")?;
+        let check = self.ch.queue_declare(
+            self.queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        );
+        bounded("refresh claim", async {
+            check.await.map_err(|e| amqp_error("refresh claim", e))
+        })
+        .await
+        .map(|_| ())
     }
     async fn release(self: Box<Self>) -> Result<()> {
         let _ = self
@@ -1274,6 +1304,17 @@ impl Transport for AmqpTransport {
             }
             Route::Dead(kind) => t.publish_raw(&n.exchange("dead"), kind, true, &msg).await,
             Route::Reply(to) => t.publish_raw(&n.exchange("replies"), to, false, &msg).await,
+            Route::Due(kind) => t.publish_raw(&n.exchange("jobs"), kind, true, &msg).await,
+            Route::Waiting { kind, until_ms } => {
+                // A hop through the delay queue that does not pass the job's time; it comes
+                // back to the kind's queue and waits again if it is still early.
+                let left = until_ms.saturating_sub(crate::job::now_ms());
+                let ms = crate::protocol::park_hop_ms(left);
+                let mut msg = msg;
+                msg.headers.insert(header::RETRY_DELAY_MS, ms.to_string());
+                t.retry_queue(ms).await?;
+                t.publish_raw(&n.exchange("retry"), kind, true, &msg).await
+            }
         }
     }
 
@@ -1305,33 +1346,32 @@ impl Transport for AmqpTransport {
     }
 
     async fn broadcast(&self, topic: &str, msg: Message) -> Result<()> {
-        // At most once: the frame is sent, the confirm is not waited for (events and heartbeats
-        // are frequent, and nothing is stored for them anyway).
+        // At most once, in order: one channel, not in confirm mode (events and heartbeats are
+        // frequent, and nothing is stored for them anyway).
         let t = &self.inner;
-        let ch = t
-            .channels
-            .get()
+        let send = async {
+            let mut slot = t.broadcasts.lock().await;
+            let ch = match slot.as_ref() {
+                Some(ch) if ch.status().connected() => ch.clone(),
+                _ => {
+                    let ch = t.channel().await?;
+                    *slot = Some(ch.clone());
+                    ch
+                }
+            };
+            ch.basic_publish(
+                t.names.exchange("events").as_str().into(),
+                topic.into(),
+                BasicPublishOptions::default(),
+                &msg.body,
+                to_amqp(&msg.headers),
+            )
             .await
-            .map_err(|e| pool_error("channel pool", e))?;
-        let publish = ch.basic_publish(
-            t.names.exchange("events").as_str().into(),
-            topic.into(),
-            BasicPublishOptions::default(),
-            &msg.body,
-            to_amqp(&msg.headers),
-        );
-        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+            .map_err(|e| amqp_error("broadcast", e))
+        };
+        tokio::time::timeout(CONFIRM_TIMEOUT, send)
             .await
-            .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "broadcast"))?
-            .map_err(|e| amqp_error("broadcast", e))?;
-        // The channel is in confirm mode, and lapin keeps every confirm dropped unawaited (for
-        // `wait_for_confirms`, which nothing here calls): a worker would grow with every event.
-        // So the confirm is awaited, off the caller's path.
-        // (No time-out: one that fired would drop the confirm unawaited after all. A confirm
-        // resolves when the broker acks it or when the channel closes.)
-        tokio::spawn(async move {
-            let _ = confirm.await;
-        });
+            .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "broadcast"))??;
         Ok(())
     }
 
@@ -1510,6 +1550,23 @@ impl Transport for AmqpTransport {
             .map(|ch| Box::new(AmqpFlight { ch, queue }) as Box<dyn super::FlightClaim>))
     }
 
+    async fn read_register(&self, name: &str) -> Result<Option<(u64, bytes::Bytes)>> {
+        bounded("read register", registers::read(&self.inner, name)).await
+    }
+
+    async fn write_register(
+        &self,
+        name: &str,
+        expected: u64,
+        value: bytes::Bytes,
+    ) -> Result<Option<u64>> {
+        bounded(
+            "write register",
+            registers::write(&self.inner, name, expected, value),
+        )
+        .await
+    }
+
     async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64> {
         let queue = self.inner.names.tee_queue(name, kind);
         let ch = self.inner.channel().await?;
@@ -1626,13 +1683,29 @@ impl Transport for AmqpTransport {
         );
         // Every delay a retry can have been rounded to (see `AmqpAcker::retry`).
         queues.extend(crate::protocol::retry_delays_ms().map(|ms| n.retry_queue(ms)));
+        // The schedules and their ticks.
+        queues.extend(
+            [
+                crate::schedule::table::SCHEDULES,
+                crate::schedule::table::TICKS,
+            ]
+            .iter()
+            .map(|r| format!("{}.registers.{r}", n.namespace())),
+        );
         for q in queues {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await
                 .map_err(|e| amqp_error("delete queue", e))?;
         }
         for class in [
-            "jobs", "results", "dead", "events", "control", "replies", "retry",
+            "jobs",
+            "results",
+            "dead",
+            "events",
+            "control",
+            "replies",
+            "retry",
+            "registers",
         ] {
             ch.exchange_delete(
                 n.exchange(class).as_str().into(),
@@ -1679,6 +1752,7 @@ impl Transport for AmqpTransport {
 }
 mod pool;
 pub mod raw;
+mod registers;
 mod room;
 
 use pool::{amqp_error, pool_error, ChannelManager, ConnectionManager};

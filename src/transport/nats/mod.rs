@@ -6,23 +6,26 @@
 //! `workers=<kind>`, that all worker replicas share; its filter is exactly that kind's subject, so
 //! consumers never overlap on the work-queue stream.
 
-use super::{
-    Acker, ConsumeOptions, Delivery, DeliveryStream, MessageStream, Route, Source, Transport,
-};
+use super::{ConsumeOptions, DeliveryStream, MessageStream, Route, Source, Transport};
 use crate::broker_url::BrokerUrl;
 use crate::error::{Error, Result};
 use crate::message::{Headers, Message};
-use crate::protocol::{consumer_name_for_kind, header, Names};
-use async_nats::jetstream::{self, consumer::pull, stream, AckKind};
+use crate::protocol::{header, Names};
+use async_nats::jetstream::{self, consumer::pull, stream};
 use async_trait::async_trait;
-use futures::{StreamExt, TryStreamExt};
-use std::collections::HashSet;
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+mod consumers;
+mod delivery;
 mod held;
 mod poison;
+mod registers;
+mod streams;
+
+use delivery::{publish_expecting, to_delivery, NatsFlight};
 
 /// How long a publish may wait for its PubAck.
 const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,6 +59,9 @@ pub struct NatsTransport {
     /// The rate tokens' stream, once declared (pacers count tokens every round).
     tokens: Arc<tokio::sync::OnceCell<stream::Stream>>,
 }
+
+/// The durable consumer of the jobs waiting for their time, shared by every worker.
+const WAITING_CONSUMER: &str = "waiting";
 
 /// NATS headers from ours, leaving out `skip` (a job's id travels as `Nats-Msg-Id` instead).
 fn to_nats_headers(h: &Headers, skip: Option<&str>) -> async_nats::HeaderMap {
@@ -181,531 +187,6 @@ impl NatsTransport {
         t.declare(url.max_bytes()).await?;
         Ok(t)
     }
-
-    /// Declares the namespace's streams. With `max_bytes` (the URL's), the jobs, results and
-    /// dead-letter streams are bounded in bytes: the jobs stream refuses what would pass it
-    /// (discard `new`: its publishers wait, nothing stored is lost), the others drop their
-    /// oldest; an existing stream is changed to it.
-    async fn declare(&self, max_bytes: Option<u64>) -> Result<()> {
-        let n = &self.names;
-        let ns = n.namespace();
-        let streams = [
-            (
-                n.stream("jobs"),
-                format!("{ns}.jobs.>"),
-                stream::RetentionPolicy::WorkQueue,
-                Duration::ZERO,
-            ),
-            (
-                n.stream("results"),
-                format!("{ns}.results.>"),
-                stream::RetentionPolicy::Limits,
-                Duration::from_secs(7 * 86_400),
-            ),
-            (
-                n.stream("dead"),
-                format!("{ns}.dead.>"),
-                stream::RetentionPolicy::Limits,
-                Duration::from_secs(30 * 86_400),
-            ),
-            // Cancel requests, kept for workers that start after them.
-            (
-                n.stream("control"),
-                format!("{ns}.control.>"),
-                stream::RetentionPolicy::Limits,
-                crate::protocol::CONTROL_RETENTION,
-            ),
-        ];
-        let jobs = n.stream("jobs");
-        let control = n.stream("control");
-        for (name, subject, retention, max_age) in streams {
-            // The jobs stream republishes every stored job for tees (a stream's republish can
-            // only be set when it is created); with no tee, nothing listens and nothing is kept.
-            let republish = (name == jobs).then(|| self.tee_republish());
-            // Cancel requests are small and anyone who may cancel may send them: the control
-            // stream is bounded in bytes and per message, the oldest requests dropped first.
-            let bounded = name != control;
-            // The jobs stream refuses what would pass its bound: its publishers wait, nothing
-            // stored is lost. Results and dead letters are acked, not removed, by their reader
-            // (they are kept for others to read, up to their age): at the bound the oldest go.
-            let wanted_discard = if name == jobs {
-                stream::DiscardPolicy::New
-            } else {
-                stream::DiscardPolicy::Old
-            };
-            // JetStream reserves a bounded stream's bytes on the server when it is created, so
-            // a bound is only set when the URL names one: a default would reserve it for every
-            // namespace, and a server of a few namespaces would refuse the next.
-            let (bytes, max_message_size, discard) = if bounded {
-                let bytes = max_bytes.map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX));
-                (bytes, -1, wanted_discard)
-            } else {
-                (
-                    CONTROL_MAX_BYTES,
-                    CONTROL_MAX_MESSAGE,
-                    stream::DiscardPolicy::Old,
-                )
-            };
-            let config = stream::Config {
-                name,
-                subjects: vec![subject],
-                retention,
-                max_age,
-                storage: stream::StorageType::File,
-                duplicate_window: DUPLICATE_WINDOW,
-                republish,
-                max_bytes: bytes,
-                max_message_size,
-                discard,
-                ..Default::default()
-            };
-            let mut stream = self
-                .js
-                .get_or_create_stream(config.clone())
-                .await
-                .map_err(|e| Error::broker("declare stream", e))?;
-            if bounded && max_bytes.is_some() {
-                let info = stream
-                    .info()
-                    .await
-                    .map_err(|e| Error::broker("stream info", e))?;
-                let current = info.config.clone();
-                if current.max_bytes != bytes || current.discard != wanted_discard {
-                    tracing::info!(
-                        stream = %current.name,
-                        from = current.max_bytes,
-                        to = bytes,
-                        "changing the stream's byte bound (max_bytes in the broker URL)"
-                    );
-                    let updated = stream::Config {
-                        max_bytes: bytes,
-                        discard: wanted_discard,
-                        ..current
-                    };
-                    self.js.update_stream(updated).await.map_err(|e| {
-                        Error::Config(format!(
-                            "the broker URL asks for max_bytes={} on stream {}, which has {}, \
-                             and the stream could not be changed ({e}); drop max_bytes from \
-                             the URL or let this user update the stream",
-                            bytes, config.name, info.config.max_bytes
-                        ))
-                    })?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// A reader of `kind`'s messages on `filter` in stream `class` (permits, tokens), through the
-    /// kind's durable consumer there. Pulled only when a job waits for one: a permit or token
-    /// never waits in a worker that does not need it while another does. Pull requests are
-    /// short, so that after a reconnect they come back within seconds.
-    async fn one_at_a_time(
-        &self,
-        class: &str,
-        kind: &str,
-        filter: String,
-        opts: ConsumeOptions,
-    ) -> Result<DeliveryStream> {
-        let n = &self.names;
-        let opts = ConsumeOptions {
-            ephemeral: false,
-            one_at_a_time: true,
-            ..opts
-        };
-        let consumer = self
-            .consumer(
-                &n.stream(class),
-                &format!("{class}={}", kind.replace('.', "=")),
-                filter,
-                opts,
-            )
-            .await?;
-        let (stream, _closed) = held::job_stream(consumer, opts, n.namespace().len() + 1);
-        Ok(stream)
-    }
-
-    /// The stream of every kind's rate tokens: a work queue (a token acked is gone), on disk so
-    /// that it and its consumers outlive a server restart, kept at most an hour. It remembers a
-    /// token's id (`<kind>:<tick>`) for 10 minutes: workers' clocks must agree far better.
-    async fn tokens_stream(&self) -> Result<stream::Stream> {
-        let n = &self.names;
-        let stream = self
-            .tokens
-            .get_or_try_init(|| async {
-                self.js
-                    .get_or_create_stream(stream::Config {
-                        name: n.stream("tokens"),
-                        subjects: vec![format!("{}.tokens.>", n.namespace())],
-                        retention: stream::RetentionPolicy::WorkQueue,
-                        storage: stream::StorageType::File,
-                        max_age: Duration::from_secs(3600),
-                        duplicate_window: Duration::from_secs(600),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| Error::broker("declare stream", e))
-            })
-            .await?;
-        Ok(stream.clone())
-    }
-
-    /// Where the jobs stream republishes each stored job: `<ns>.jobs.<kind>` → `<ns>.tee.<kind>`.
-    fn tee_republish(&self) -> stream::Republish {
-        let ns = self.names.namespace();
-        stream::Republish {
-            source: format!("{ns}.jobs.>"),
-            destination: format!("{ns}.tee.>"),
-            headers_only: false,
-        }
-    }
-
-    /// Declares `<NS>_TEE` on the subjects the jobs stream republishes to, with interest
-    /// retention (a copy stays until every tee of its kind has it, and none is kept for a kind
-    /// without a tee) and at most `backlog` copies per kind, the oldest dropped first. JetStream
-    /// bounds a stream, not a consumer: the tees of a namespace share the bound, and the tee
-    /// opened last sets it.
-    async fn declare_tee(&self, backlog: u64) -> Result<()> {
-        let n = &self.names;
-        let ns = n.namespace();
-        let mut jobs = self
-            .js
-            .get_stream(n.stream("jobs"))
-            .await
-            .map_err(|e| Error::broker("get stream", e))?;
-        let config = jobs
-            .info()
-            .await
-            .map_err(|e| Error::broker("stream info", e))?
-            .config
-            .clone();
-        if config.republish.as_ref() != Some(&self.tee_republish()) {
-            return Err(Error::Config(format!(
-                "stream {} was created without republishing jobs for tees, and NATS cannot add                  that to an existing stream: recreate the namespace (conveyor-producer                  delete-namespace) to use tees",
-                config.name
-            )));
-        }
-        let max_per_kind = i64::try_from(backlog.max(1)).unwrap_or(i64::MAX);
-        let tee_config = stream::Config {
-            name: n.stream("tee"),
-            subjects: vec![format!("{ns}.tee.>")],
-            retention: stream::RetentionPolicy::Interest,
-            max_messages_per_subject: max_per_kind,
-            discard: stream::DiscardPolicy::Old,
-            storage: stream::StorageType::File,
-            duplicate_window: DUPLICATE_WINDOW,
-            ..Default::default()
-        };
-        // The tee stream first, so that no republished job finds no stream.
-        let mut tee = self
-            .js
-            .get_or_create_stream(tee_config.clone())
-            .await
-            .map_err(|e| Error::broker("declare stream", e))?;
-        let current = tee
-            .info()
-            .await
-            .map_err(|e| Error::broker("stream info", e))?
-            .config
-            .max_messages_per_subject;
-        if current != max_per_kind {
-            self.js
-                .update_stream(tee_config)
-                .await
-                .map_err(|e| Error::broker("update stream", e))?;
-        }
-        Ok(())
-    }
-
-    /// The durable pull consumer `durable` of `stream_name`, created when missing, and updated
-    /// when its lease (AckWait) is not `opts.lease`: a changed `--lease` takes effect.
-    async fn consumer(
-        &self,
-        stream_name: &str,
-        durable: &str,
-        filter: String,
-        opts: ConsumeOptions,
-    ) -> Result<jetstream::consumer::PullConsumer> {
-        let stream = self
-            .js
-            .get_stream(stream_name)
-            .await
-            .map_err(|e| Error::broker("get stream", e))?;
-        let config = pull::Config {
-            durable_name: Some(durable.to_string()),
-            filter_subject: filter,
-            // Explicit acks only: `AckPolicy::All` is consumer-wide, so after a reader
-            // restarts, its acks would also cover what the old process was sent and never
-            // recorded. `ConsumeOptions::cumulative` is therefore ignored on JetStream.
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: opts.lease,
-            max_deliver: -1,
-            max_ack_pending: 10_000,
-            deliver_policy: if opts.ephemeral {
-                jetstream::consumer::DeliverPolicy::New
-            } else {
-                jetstream::consumer::DeliverPolicy::All
-            },
-            inactive_threshold: if opts.ephemeral {
-                EPHEMERAL_IDLE
-            } else if crate::protocol::is_keyed_bucket(durable) {
-                super::KEYED_BUCKET_IDLE
-            } else {
-                Duration::ZERO
-            },
-            ..Default::default()
-        };
-        let mut consumer: jetstream::consumer::PullConsumer = stream
-            .get_or_create_consumer(durable, config.clone())
-            .await
-            .map_err(|e| Error::broker("create consumer", e))?;
-        // The config the server holds came back with the consumer: no second round trip.
-        let stored = consumer.cached_info().config.ack_wait;
-        if stored != opts.lease {
-            tracing::info!(consumer = %durable, from = ?stored, to = ?opts.lease, "changing the consumer's lease");
-            // Create-or-update: also what a 2.9 server does with a changed durable's config.
-            consumer = stream
-                .create_consumer(config)
-                .await
-                .map_err(|e| Error::broker("update consumer", e))?;
-        }
-        Ok(consumer)
-    }
-
-    async fn pull(
-        &self,
-        stream_name: String,
-        durable: String,
-        filter: String,
-        opts: ConsumeOptions,
-    ) -> Result<DeliveryStream> {
-        let consumer = self.consumer(&stream_name, &durable, filter, opts).await?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(if opts.one_at_a_time {
-                1
-            } else {
-                usize::from(opts.prefetch.max(1))
-            })
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| Error::broker("pull", e))?;
-        let prefix_len = self.names.namespace().len() + 1;
-        Ok(messages
-            .map(move |item| {
-                let msg = item.map_err(|e| Error::broker("pull", e))?;
-                Ok(to_delivery(msg, prefix_len))
-            })
-            .boxed())
-    }
-
-    /// One kind's jobs: held jobs keep their leases ([`held`]), and jobs no NATS client can
-    /// read are dead-lettered after each reconnect ([`poison`]).
-    async fn pull_jobs(&self, kind: &str, opts: ConsumeOptions) -> Result<DeliveryStream> {
-        let n = &self.names;
-        let consumer = self
-            .consumer(
-                &n.stream("jobs"),
-                &consumer_name_for_kind(kind),
-                n.job_subject(kind),
-                opts,
-            )
-            .await?;
-        let prefix_len = n.namespace().len() + 1;
-        let (stream, closed) = held::job_stream(consumer.clone(), opts, prefix_len);
-        tokio::spawn(poison::sweep_after_connects(
-            self.clone(),
-            kind.to_string(),
-            consumer,
-            self.connects.clone(),
-            closed,
-        ));
-        Ok(stream)
-    }
-
-    /// Consumes, for the catch-all worker, every job subject that has messages and no consumer
-    /// of its own yet (other than `skip`), by creating that kind's shared consumer.
-    fn discover(&self, skip: Vec<String>, opts: ConsumeOptions) -> DeliveryStream {
-        let (tx, rx) =
-            futures::channel::mpsc::channel::<Result<Delivery>>(usize::from(opts.prefetch.max(1)));
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut served: HashSet<String> = skip.into_iter().collect();
-            let prefix = format!("{}.jobs.", this.names.namespace());
-            loop {
-                if tx.is_closed() {
-                    return;
-                }
-                let subjects = match this.js.get_stream(this.names.stream("jobs")).await {
-                    Ok(s) => match s.info_with_subjects(format!("{prefix}>")).await {
-                        Ok(info) => info.try_collect::<Vec<_>>().await.unwrap_or_default(),
-                        Err(_) => Vec::new(),
-                    },
-                    Err(_) => Vec::new(),
-                };
-                for (subject, _count) in subjects {
-                    let Some(kind) = subject.strip_prefix(&prefix).map(str::to_string) else {
-                        continue;
-                    };
-                    if served.contains(&kind) {
-                        continue;
-                    }
-                    match this.consume(Source::Kind(kind.clone()), opts).await {
-                        Ok(mut stream) => {
-                            tracing::info!(%kind, "serving jobs of a kind no other consumer takes");
-                            served.insert(kind);
-                            let mut tx = tx.clone();
-                            tokio::spawn(async move {
-                                use futures::SinkExt;
-                                while let Some(d) = stream.next().await {
-                                    if tx.send(d).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!(%kind, error = %e, "could not consume unrouted kind")
-                        }
-                    }
-                }
-                tokio::time::sleep(DISCOVERY_INTERVAL).await;
-            }
-        });
-        rx.boxed()
-    }
-}
-
-/// Publishes an empty message on `subject` only if the last one there has sequence `expected`
-/// (0: none). `Some(new sequence)`, or `None` when another publisher got there first.
-async fn publish_expecting(
-    js: &jetstream::Context,
-    subject: &str,
-    expected: u64,
-) -> Result<Option<u64>> {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(
-        "Nats-Expected-Last-Subject-Sequence",
-        expected.to_string().as_str(),
-    );
-    let ack = js
-        .publish_with_headers(subject.to_string(), h, bytes::Bytes::new())
-        .await
-        .map_err(|e| Error::broker("claim", e))?;
-    match ack.await {
-        Ok(a) => Ok(Some(a.sequence)),
-        Err(e) if e.to_string().contains("wrong last sequence") => Ok(None),
-        Err(e) => Err(Error::broker("claim", e)),
-    }
-}
-
-/// A held JetStream singleflight claim.
-struct NatsFlight {
-    js: jetstream::Context,
-    stream: String,
-    subject: String,
-    seq: std::sync::Mutex<u64>,
-}
-
-#[async_trait]
-impl super::FlightClaim for NatsFlight {
-    async fn refresh(&self) -> Result<()> {
-        let seq = *self.seq.lock().unwrap_or_else(|p| p.into_inner());
-        match publish_expecting(&self.js, &self.subject, seq).await? {
-            Some(next) => {
-                *self.seq.lock().unwrap_or_else(|p| p.into_inner()) = next;
-                Ok(())
-            }
-            // The claim expired and was taken (or renewed) by another process.
-            None => Err(Error::broker(
-                "refresh claim",
-                std::io::Error::other("the claim expired and another process holds it"),
-            )),
-        }
-    }
-    async fn release(self: Box<Self>) -> Result<()> {
-        let seq = *self.seq.lock().unwrap_or_else(|p| p.into_inner());
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| Error::broker("get stream", e))?;
-        stream
-            .delete_message(seq)
-            .await
-            .map_err(|e| Error::broker("release claim", e))?;
-        Ok(())
-    }
-}
-
-fn to_delivery(msg: jetstream::Message, prefix_len: usize) -> Delivery {
-    let (count, broker_id) = match msg.info() {
-        Ok(info) => (
-            u32::try_from(info.delivered).unwrap_or(1),
-            format!("{}-{}", info.stream, info.stream_sequence),
-        ),
-        Err(_) => (1, crate::job::new_id()),
-    };
-    let (msg, acker) = msg.split();
-    // Subject is "<ns>.<class>.<kind>": strip "<ns>." and the class word.
-    let kind = msg
-        .subject
-        .get(prefix_len..)
-        .and_then(|rest| rest.split_once('.'))
-        .map(|(_, kind)| kind.to_string())
-        .unwrap_or_default();
-    let message = Message::new(from_nats_headers(msg.headers.as_ref()), msg.payload);
-    Delivery::new(
-        kind,
-        message,
-        count,
-        broker_id,
-        Box::new(NatsAcker { acker }),
-    )
-}
-
-struct NatsAcker {
-    acker: jetstream::message::Acker,
-}
-
-#[async_trait]
-impl Acker for NatsAcker {
-    async fn ack(self: Box<Self>) -> Result<()> {
-        self.acker.ack().await.map_err(|e| Error::Broker {
-            op: "ack",
-            cause: e,
-        })
-    }
-    async fn nack(self: Box<Self>) -> Result<()> {
-        self.acker
-            .ack_with(AckKind::Nak(None))
-            .await
-            .map_err(|e| Error::Broker {
-                op: "nak",
-                cause: e,
-            })
-    }
-    async fn retry(self: Box<Self>, _next: Message, delay: Duration) -> Result<()> {
-        // The redelivery count carries the attempt number on JetStream.
-        self.acker
-            .ack_with(AckKind::Nak(Some(delay)))
-            .await
-            .map_err(|e| Error::Broker {
-                op: "delayed nak",
-                cause: e,
-            })
-    }
-    async fn progress(&self) -> Result<()> {
-        self.acker
-            .ack_with(AckKind::Progress)
-            .await
-            .map_err(|e| Error::Broker {
-                op: "progress",
-                cause: e,
-            })
-    }
 }
 
 #[async_trait]
@@ -714,14 +195,30 @@ impl Transport for NatsTransport {
         &self.names
     }
 
+    fn releases_waiting(&self) -> bool {
+        true
+    }
+
     fn check_reply_to(&self, to: &str) -> std::result::Result<(), String> {
         crate::protocol::check_nats_reply(self.names.namespace(), &self.reply_prefix, to)
     }
 
-    async fn publish(&self, route: Route, msg: Message) -> Result<()> {
-        let id = msg.headers.get(header::ID).unwrap_or_default().to_string();
+    async fn publish(&self, route: Route, mut msg: Message) -> Result<()> {
+        let id = crate::job::id_of(&msg.headers).unwrap_or_default();
         let (subject, dedup) = match &route {
             Route::Job(kind) => (self.names.job_subject(kind), id),
+            Route::Waiting { kind, .. } => {
+                msg.headers.remove(header::NATS_MSG_ID);
+                (self.names.delayed_subject(kind), id)
+            }
+            // The job's own publish is within the window: its time makes this one new.
+            Route::Due(kind) => {
+                msg.headers.remove(header::NATS_MSG_ID);
+                msg.headers.insert(header::ID, id.clone());
+                let at = msg.headers.get(header::NOT_BEFORE).unwrap_or_default();
+                let dedup = format!("{id}@{at}");
+                (self.names.job_subject(kind), dedup)
+            }
             // Results carry no de-duplication id: the aggregator records each job id once anyway,
             // and the server then keeps no per-result state.
             Route::Result(kind) => (self.names.result_subject(kind), String::new()),
@@ -754,6 +251,7 @@ impl Transport for NatsTransport {
                 max,
             });
         }
+        // A waiting job keeps its id header too: it is published again from there.
         let skip = matches!(route, Route::Job(_)).then_some(header::ID);
         let mut publish = jetstream::message::PublishMessage::build()
             .payload(msg.body)
@@ -832,6 +330,12 @@ impl Transport for NatsTransport {
         let ns = n.namespace();
         match source {
             Source::Kind(kind) => self.pull_jobs(&kind, opts).await,
+            Source::Waiting => {
+                let n = &self.names;
+                let filter = format!("{}.delayed.>", n.namespace());
+                self.pull(n.stream("delayed"), WAITING_CONSUMER.into(), filter, opts)
+                    .await
+            }
             Source::Unrouted(skip) => Ok(self.discover(skip, opts)),
             Source::Results(group) => {
                 self.pull(n.stream("results"), group, format!("{ns}.results.>"), opts)
@@ -983,6 +487,19 @@ impl Transport for NatsTransport {
         }
     }
 
+    async fn read_register(&self, name: &str) -> Result<Option<(u64, bytes::Bytes)>> {
+        registers::read(&self.js, &self.names, name).await
+    }
+
+    async fn write_register(
+        &self,
+        name: &str,
+        expected: u64,
+        value: bytes::Bytes,
+    ) -> Result<Option<u64>> {
+        registers::write(&self.js, &self.names, name, expected, value).await
+    }
+
     async fn tee_backlog(&self, kind: &str, name: &str) -> Result<u64> {
         let stream = self
             .js
@@ -1111,7 +628,16 @@ impl Transport for NatsTransport {
 
     async fn delete_namespace(&self, _kinds: &[String]) -> Result<()> {
         for class in [
-            "jobs", "results", "dead", "control", "tee", "permits", "flights", "tokens",
+            "jobs",
+            "delayed",
+            "results",
+            "dead",
+            "control",
+            "tee",
+            "permits",
+            "flights",
+            "tokens",
+            "registers",
         ] {
             let name = self.names.stream(class);
             match self.js.delete_stream(&name).await {
