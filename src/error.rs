@@ -79,6 +79,9 @@ pub enum Error {
     /// every time it was tried.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// What the operation names does not exist (a schedule, say).
+    #[error("not found: {0}")]
+    NotFound(String),
     /// The operation stopped because shutdown was requested.
     #[error("shutting down")]
     Shutdown,

@@ -215,6 +215,23 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
     );
     println!("schedules with the producer user: {published} ticks published in 4 s");
 
+    // The schedules' HTTP API with the aggregator user, on the register the producer reads.
+    let addr: std::net::SocketAddr = http.parse().expect("addr");
+    let body = r#"{"kind":"echo","every":"1m"}"#;
+    let (code, put) = common::http_send(addr, "PUT", "/schedules/cfg-http", Some(body)).await;
+    assert_eq!(code, 200, "PUT with the aggregator user: {put}");
+    let listed = producer(&["list"]);
+    assert!(
+        text(&listed).contains("\"cfg-http\""),
+        "the producer lists what the aggregator stored: {}",
+        text(&listed)
+    );
+    let (code, paused) = common::http_send(addr, "POST", "/schedules/cfg-http/pause", None).await;
+    assert_eq!(code, 200, "pause with the aggregator user: {paused}");
+    let (code, gone) = common::http_send(addr, "DELETE", "/schedules/cfg-http", None).await;
+    assert_eq!(code, 204, "DELETE with the aggregator user: {gone}");
+    println!("schedules over HTTP with the aggregator user: stored, paused, removed");
+
     // Singleflight and the cluster-wide cap with the worker user: three jobs with one key.
     let keyed = publish_with(
         "sleep",

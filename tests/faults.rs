@@ -230,8 +230,16 @@ async fn a_third_of_the_producers_confirms_lost(broker: Broker) {
     );
     v.assert_clean("a third of the confirms lost");
     v.assert_statuses("echo", &["succeeded"]);
+    // JetStream answers each publish with its own PubAck, so a third of them is removed.
+    // RabbitMQ may confirm many publishes with one `basic.ack` (multiple), as many as its
+    // batching makes under load: the frames removed vary (10–42 seen), and what they did is
+    // asserted below (copies stored, run and recorded once).
+    let removed_at_least = match broker {
+        Broker::Nats => (JOBS / 3) as u64 - 2,
+        Broker::Amqp => 1,
+    };
     assert!(
-        removed >= (JOBS / 3) as u64 - 2,
+        removed >= removed_at_least,
         "the proxy removed confirms: {removed}"
     );
     if broker == Broker::Nats {

@@ -7,7 +7,7 @@ mod common;
 
 use common::checker::History;
 use common::cluster::{Cluster, WAIT};
-use common::{http_get, output_text, Broker, Proc};
+use common::{http_get, http_send, output_text, Broker, Proc};
 use conveyor::job::now_ms;
 use serde_json::Value;
 use std::time::Duration;
@@ -16,6 +16,7 @@ both_brokers!(
     two_schedulers_publish_each_tick_once_across_the_leader_killed,
     missed_ticks_are_skipped_or_caught_up_and_paused_ones_skipped,
     a_bad_schedule_fails_before_the_broker_naming_its_fault,
+    the_aggregators_http_api_manages_schedules,
 );
 
 const EVERY_MS: u64 = 1_000;
@@ -430,5 +431,113 @@ async fn a_bad_schedule_fails_before_the_broker_naming_its_fault(broker: Broker)
         listed.keys().collect::<Vec<_>>(),
         ["good"],
         "only the good schedule is stored"
+    );
+}
+
+/// The aggregator's HTTP API adds, shows, pauses, resumes and removes a schedule; what it did is
+/// read back through the CLI (`schedule list`), and a scheduler runs what it added. Bad bodies
+/// and names are refused with 400 naming the field and store nothing; unknown names are 404.
+async fn the_aggregators_http_api_manages_schedules(broker: Broker) {
+    let c = Cluster::new(broker);
+    let _aggregator = c.aggregator("aggregator").await;
+    let _worker = c.worker("worker", &["--kinds", "echo"]);
+    c.wait_workers(1).await;
+    let body = r#"{"kind":"echo","every":"1s","missed":"catch-up","payload":{"via":"http"}}"#;
+    let started = tokio::time::Instant::now();
+    let (code, put) = http_send(c.http, "PUT", "/schedules/api-beat", Some(body)).await;
+    let put_ms = started.elapsed().as_millis();
+    assert_eq!(code, 200, "PUT: {put}");
+    assert_eq!(
+        (put["every_ms"].as_u64(), put["kind"].as_str()),
+        (Some(1_000), Some("echo"))
+    );
+    assert!(put["next_ms"].as_u64().is_some(), "{put}");
+    let listed = list(&c);
+    let stored = &listed["api-beat"];
+    assert_eq!(
+        (
+            &stored["every_ms"],
+            &stored["missed"],
+            &stored["payload"]["via"]
+        ),
+        (
+            &Value::from(1_000),
+            &Value::from("catch-up"),
+            &Value::from("http")
+        ),
+        "{listed:?}"
+    );
+    let (code, all) = http_get(c.http, "/schedules").await;
+    assert_eq!(code, 200, "{all}");
+    assert_eq!(all.as_array().map(Vec::len), Some(1), "{all}");
+
+    // A scheduler runs what the API added.
+    let created = stored["created_ms"].as_u64().expect("created_ms");
+    let mut run = scheduler(&c, "scheduler", &["--for", "3s"]);
+    let led = wait_lead(&run, WAIT).await;
+    assert_eq!(run.wait_exit(WAIT).await, Some(0), "{}", run.log_text());
+    let ran = ticks("api-beat", created, created, led + 1_000);
+    assert!(!ran.is_empty());
+    for id in &ran {
+        let rec = recorded(c.http, id, WAIT).await;
+        assert_eq!(rec["output"]["via"], "http", "{id}: {rec}");
+    }
+
+    // Pause and resume, read back by the CLI.
+    for (path, paused) in [("pause", true), ("resume", false)] {
+        let (code, answer) =
+            http_send(c.http, "POST", &format!("/schedules/api-beat/{path}"), None).await;
+        assert_eq!(code, 200, "{path}: {answer}");
+        assert_eq!(list(&c)["api-beat"]["paused"], paused, "after {path}");
+        let (_, one) = http_get(c.http, "/schedules/api-beat").await;
+        assert_eq!(one["paused"], paused, "{one}");
+    }
+
+    // Refused: named, and nothing stored.
+    for (path, body, named) in [
+        ("/schedules/other", r#"{"kind":"echo","evry":"1s"}"#, "evry"),
+        (
+            "/schedules/other",
+            r#"{"kind":"echo","every":"1s","missed":"later"}"#,
+            "later",
+        ),
+        (
+            "/schedules/other",
+            r#"{"kind":"echo","cron":"61 * * * *"}"#,
+            "cron expression",
+        ),
+        ("/schedules/other", "not json", "schedule"),
+        (
+            "/schedules/bad.name",
+            r#"{"kind":"echo","every":"1s"}"#,
+            "schedule name",
+        ),
+    ] {
+        let (code, answer) = http_send(c.http, "PUT", path, Some(body)).await;
+        assert_eq!(code, 400, "{body}: {answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(named),
+            "{body}: the error names {named}: {error}"
+        );
+    }
+    assert_eq!(list(&c).len(), 1, "a refused schedule was stored");
+    for (method, path) in [
+        ("GET", "/schedules/nope"),
+        ("DELETE", "/schedules/nope"),
+        ("POST", "/schedules/nope/pause"),
+    ] {
+        let (code, answer) = http_send(c.http, method, path, None).await;
+        assert_eq!(code, 404, "{method} {path}: {answer}");
+    }
+
+    let (code, answer) = http_send(c.http, "DELETE", "/schedules/api-beat", None).await;
+    assert_eq!(code, 204, "DELETE: {answer}");
+    assert!(list(&c).is_empty(), "the schedule is still listed");
+    let (_, all) = http_get(c.http, "/schedules").await;
+    assert_eq!(all, serde_json::json!([]));
+    eprintln!(
+        "{broker:?}: PUT answered in {put_ms} ms; the scheduler ran {} ticks of it",
+        ran.len()
     );
 }

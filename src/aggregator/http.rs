@@ -1,4 +1,5 @@
-//! The aggregator's HTTP API: `GET /jobs/{id}`, `GET /groups/{id}`, `GET /stats`, `GET /workers`, `GET /health`.
+//! The aggregator's HTTP API: `GET /jobs/{id}`, `GET /groups/{id}`, `GET /stats`, `GET /workers`,
+//! `GET /health` (the schedules' routes are in [`super::schedules`]).
 
 use super::store::Store;
 use super::workers::Liveness;

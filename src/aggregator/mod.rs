@@ -6,6 +6,7 @@
 pub mod chords;
 pub mod groups;
 pub mod http;
+pub mod schedules;
 pub mod store;
 pub mod workers;
 
@@ -81,8 +82,9 @@ pub async fn run(
     });
     let server_stop = shutdown.clone();
     let http_store = store.clone();
+    let routes = http::router(http_store, liveness).merge(schedules::router(transport.clone()));
     let server = tokio::spawn(async move {
-        axum::serve(listener, http::router(http_store, liveness))
+        axum::serve(listener, routes)
             .with_graceful_shutdown(async move { server_stop.cancelled().await })
             .await
     });

@@ -7,6 +7,7 @@
 //! has the id `<schedule>@<tick ms>`, the same whichever scheduler publishes it, so that the
 //! broker (JetStream's duplicate window) and the aggregator (one record per id) see a tick once.
 
+pub mod request;
 pub mod run;
 pub mod table;
 

@@ -101,7 +101,7 @@ pub async fn remove(transport: &dyn Transport, name: &str) -> Result<()> {
     update(transport, |all| {
         all.remove(name)
             .map(|_| ())
-            .ok_or_else(|| Error::Config(format!("no schedule named {name:?}")))
+            .ok_or_else(|| Error::NotFound(format!("no schedule named {name:?}")))
     })
     .await
     .map(|_| ())
@@ -118,7 +118,7 @@ pub async fn set_paused(transport: &dyn Transport, name: &str, paused: bool) -> 
             s.paused = paused;
             Ok(())
         }
-        None => Err(Error::Config(format!("no schedule named {name:?}"))),
+        None => Err(Error::NotFound(format!("no schedule named {name:?}"))),
     })
     .await
     .map(|_| ())

@@ -239,14 +239,34 @@ impl Drop for Stack {
 
 /// GET `path` from an HTTP server: (status, JSON body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    http_send(addr, "GET", path, None).await
+}
+
+/// `method` (GET, PUT, POST or DELETE) on the aggregator's `path`, with `body` as JSON: the
+/// status and the JSON answer (null when there is none).
+pub async fn http_send(
+    addr: SocketAddr,
+    method: &'static str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
     let url = format!("http://{addr}{path}");
+    let body = body.unwrap_or_default().to_string();
     tokio::task::spawn_blocking(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
+            .timeout_global(Some(Duration::from_secs(15)))
             .build()
             .into();
-        let mut resp = agent.get(&url).call().expect("HTTP request");
+        let json = "application/json";
+        let sent = match method {
+            "GET" => agent.get(&url).call(),
+            "DELETE" => agent.delete(&url).call(),
+            "PUT" => agent.put(&url).content_type(json).send(body.as_bytes()),
+            "POST" => agent.post(&url).content_type(json).send(body.as_bytes()),
+            other => panic!("http_send: no method {other}"),
+        };
+        let mut resp = sent.expect("HTTP request");
         let status = resp.status().as_u16();
         let body = resp.body_mut().read_to_string().expect("HTTP body");
         (status, serde_json::from_str(&body).unwrap_or(Value::Null))
