@@ -328,7 +328,8 @@ async fn a_delayed_job_survives_its_worker_and_the_broker_killed(broker: Broker)
         .map(|i| {
             JobSpec::new("echo", json!({ "i": i }))
                 .id(format!("waits-{i}"))
-                .delay(Duration::from_secs(30))
+                // Long enough for a loaded machine to restart its own broker before it is due.
+                .delay(Duration::from_secs(45))
         })
         .collect();
     let due = specs.iter().map(due_of).min().unwrap_or(0);

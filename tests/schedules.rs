@@ -84,7 +84,7 @@ async fn recorded(http: std::net::SocketAddr, id: &str, within: Duration) -> Val
     }
 }
 
-/// Two schedulers; the leader is killed with -9 after 10 s; the other takes over and runs 10 s
+/// Two schedulers; the leader is killed with -9 after 12 s; the other takes over and runs 10 s
 /// more; the schedule catching up, every tick from the first to the last is run, none twice (but
 /// on RabbitMQ, see below), and nothing else is recorded.
 async fn two_schedulers_publish_each_tick_once_across_the_leader_killed(broker: Broker) {
@@ -114,7 +114,8 @@ async fn two_schedulers_publish_each_tick_once_across_the_leader_killed(broker: 
     let second = scheduler(&c, "scheduler-2", &[]);
     let second_started = tokio::time::Instant::now();
     // Changes made while the schedulers run (the register is shared with them): a schedule
-    // added, paused 3 s later, resumed 3 s after that.
+    // added, paused 3 s later, resumed 5 s after that. The leader reads the schedules every
+    // second: a pause holds from 2.5 s after it was stored.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let extra = [
         "extra", "--kind", "echo", "--every", "1s", "--missed", "catch-up",
@@ -130,7 +131,7 @@ async fn two_schedulers_publish_each_tick_once_across_the_leader_killed(broker: 
         "schedule pause: {}",
         output_text(&out)
     );
-    let (paused_done, resume) = (now_ms(), now_ms() + 3_000);
+    let (paused_done, resume) = (now_ms(), now_ms() + 5_000);
     tokio::time::sleep(Duration::from_millis(resume - now_ms())).await;
     let resumed = now_ms();
     let out = c.producer(&["schedule", "resume", "extra"], None);
@@ -146,7 +147,7 @@ async fn two_schedulers_publish_each_tick_once_across_the_leader_killed(broker: 
         paused_done - paused,
         resumed_done - resumed
     );
-    tokio::time::sleep((second_started + Duration::from_secs(10)) - tokio::time::Instant::now())
+    tokio::time::sleep((second_started + Duration::from_secs(12)) - tokio::time::Instant::now())
         .await;
     assert!(
         !second.log_text().contains("this scheduler leads"),
@@ -171,10 +172,10 @@ async fn two_schedulers_publish_each_tick_once_across_the_leader_killed(broker: 
     must.extend(ticks("extra", added, added_done, paused - 1_000));
     must.extend(ticks("extra", added, resumed_done, stopped - 1_000));
     may.extend(ticks("extra", added, added, added_done));
-    may.extend(ticks("extra", added, paused - 1_000, paused_done + 1_500));
+    may.extend(ticks("extra", added, paused - 1_000, paused_done + 2_500));
     may.extend(ticks("extra", added, resumed - 1, resumed_done));
     may.extend(ticks("extra", added, stopped - 1_000, stopped + 1_000));
-    let held: Vec<String> = ticks("extra", added, paused_done + 1_500, resumed - 1);
+    let held: Vec<String> = ticks("extra", added, paused_done + 2_500, resumed - 1);
     assert!(!held.is_empty(), "the pause held no tick");
     let v = history
         .verdict(c.http, &must, &may, Duration::from_secs(60))

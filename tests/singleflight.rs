@@ -212,7 +212,8 @@ async fn cancel_is_outside_singleflight_and_timeout_inside(broker: Broker) {
     let mut lead = client
         .submit({
             let mut spec = sleep("order-lead-2", "order-2", 20_000);
-            spec.timeout_ms = Some(500);
+            // Long enough for the follower, sent 200 ms later, to join on a loaded machine.
+            spec.timeout_ms = Some(3_000);
             spec
         })
         .await
