@@ -7,7 +7,7 @@ mod common;
 
 use common::checker::History;
 use common::cluster::{Cluster, WAIT};
-use common::{http_get, http_send, output_text, Broker, Proc};
+use common::{http_get, http_send, output_text, record_within, recorded, Broker, Proc};
 use conveyor::job::now_ms;
 use serde_json::Value;
 use std::time::Duration;
@@ -70,18 +70,6 @@ async fn wait_lead(p: &Proc, within: Duration) -> u64 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     now_ms()
-}
-
-/// `id`'s record once it is there, or null after `within`.
-async fn recorded(http: std::net::SocketAddr, id: &str, within: Duration) -> Value {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let (code, rec) = http_get(http, &format!("/jobs/{id}")).await;
-        if code == 200 || tokio::time::Instant::now() >= deadline {
-            return if code == 200 { rec } else { Value::Null };
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Two schedulers; the leader is killed with -9 after 12 s; the other takes over and runs 10 s
@@ -281,8 +269,9 @@ async fn missed_ticks_are_skipped_or_caught_up_and_paused_ones_skipped(broker: B
         aggregator.log_text(),
     );
     for id in &all {
-        let rec = recorded(c.http, id, WAIT).await;
-        assert!(rec != Value::Null, "{id} was not recorded; {timeline}");
+        let rec = record_within(c.http, id, WAIT)
+            .await
+            .unwrap_or_else(|_| panic!("{id} was not recorded; {timeline}"));
         assert_eq!(rec["status"], "succeeded", "{rec}");
     }
     // skipper: none of the gap's ticks older than LATE when the second scheduler came up.
@@ -313,8 +302,9 @@ async fn missed_ticks_are_skipped_or_caught_up_and_paused_ones_skipped(broker: B
     );
     assert!(!before.is_empty() && !after.is_empty());
     for id in before.iter().chain(&after) {
-        let rec = recorded(c.http, id, WAIT).await;
-        assert!(rec != Value::Null, "{id} was not recorded; {timeline}");
+        let rec = record_within(c.http, id, WAIT)
+            .await
+            .unwrap_or_else(|_| panic!("{id} was not recorded; {timeline}"));
         assert_eq!(rec["status"], "succeeded", "{rec}");
     }
     // held: nothing, from creation to the end.

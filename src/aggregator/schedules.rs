@@ -84,18 +84,8 @@ async fn put(State(t): Shared, Path(name): Path<String>, body: Bytes) -> Respons
         Ok(s) => s,
         Err(e) => return refusal(e),
     };
-    let stored = async {
-        table::put(t.as_ref(), schedule).await?;
-        table::list(t.as_ref()).await
-    };
-    match bounded(stored).await {
-        Ok(all) => match all.get(&name) {
-            Some(s) => Json(listed(s)).into_response(),
-            // Removed by another client in between.
-            None => refusal(Error::Conflict(format!(
-                "schedule {name:?} was removed meanwhile"
-            ))),
-        },
+    match bounded(table::put(t.as_ref(), schedule)).await {
+        Ok(stored) => Json(listed(&stored)).into_response(),
         Err(e) => refusal(e),
     }
 }

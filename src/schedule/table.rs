@@ -79,9 +79,10 @@ pub async fn update(
     )))
 }
 
-/// Adds `schedule`, or replaces the one of the same name (keeping its creation time). Its
-/// ticks start after now: a replaced schedule catches up none of the old one's.
-pub async fn put(transport: &dyn Transport, mut schedule: Schedule) -> Result<()> {
+/// Adds `schedule`, or replaces the one of the same name (keeping its creation time), and
+/// returns it as stored. Its ticks start after now: a replaced schedule catches up none of the
+/// old one's.
+pub async fn put(transport: &dyn Transport, mut schedule: Schedule) -> Result<Schedule> {
     schedule.validate()?;
     schedule.since_ms = crate::job::now_ms();
     update(transport, |all| {
@@ -92,8 +93,8 @@ pub async fn put(transport: &dyn Transport, mut schedule: Schedule) -> Result<()
         all.insert(schedule.name.clone(), schedule.clone());
         Ok(())
     })
-    .await
-    .map(|_| ())
+    .await?;
+    Ok(schedule)
 }
 
 /// Removes schedule `name`; an error when there is none.

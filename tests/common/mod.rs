@@ -615,16 +615,28 @@ pub async fn python(program: &str, args: Vec<String>) -> String {
 
 /// Polls `/jobs/{id}` until the job has a result; panics with the last answer after `within`.
 pub async fn recorded(http: std::net::SocketAddr, id: &str, within: Duration) -> Value {
+    match record_within(http, id, within).await {
+        Ok(record) => record,
+        Err(last) => panic!("job {id} not recorded within {within:?}: {last}"),
+    }
+}
+
+/// Polls `/jobs/{id}` until the job has a result: `Ok(record)`, or `Err(last answer)` once
+/// `within` passed (for callers that show more, such as logs, before they fail).
+pub async fn record_within(
+    http: std::net::SocketAddr,
+    id: &str,
+    within: Duration,
+) -> Result<Value, Value> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let (status, body) = http_get(http, &format!("/jobs/{id}")).await;
         if status == 200 {
-            return body;
+            return Ok(body);
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job {id} not recorded within {within:?}: {body}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            return Err(body);
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
