@@ -118,6 +118,13 @@ impl JobSpec {
         self
     }
 
+    /// Sets `Conveyor-Priority`: the lane of its kind the job waits in (see [`crate::priority`]).
+    /// A worker takes `high` jobs before `normal` and `low` ones, in a weighted share.
+    pub fn priority(mut self, priority: crate::priority::Priority) -> Self {
+        self.headers.insert(header::PRIORITY, priority.as_str());
+        self
+    }
+
     /// Sets the reply address (from [`crate::Client::reply_inbox`]).
     pub fn reply_to(mut self, to: impl Into<String>) -> Self {
         self.reply_to = Some(to.into());
@@ -134,6 +141,7 @@ impl JobSpec {
                 id.len()
             )));
         }
+        crate::priority::of(&self.headers).map_err(Error::Config)?;
         let body = self.codec.encode(&self.input)?;
         let mut h = self.headers.clone();
         h.insert(header::ID, header_safe(&id));
@@ -315,6 +323,7 @@ impl JobMeta {
                 .collect::<std::result::Result<Vec<_>, _>>()?,
         };
         let not_before = not_before_of(h)?;
+        crate::priority::of(h)?;
         let mut group: Vec<(String, String)> = WORKFLOW_HEADERS
             .iter()
             .filter_map(|n| h.get(n).map(|v| (n.to_string(), v.to_string())))

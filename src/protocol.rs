@@ -70,6 +70,10 @@ pub mod header {
     pub const SCHEDULE: &str = "Conveyor-Schedule";
     /// On a job a scheduler published: its tick's time, in milliseconds since the Unix epoch.
     pub const TICK: &str = "Conveyor-Tick";
+    /// `high`, `normal` (the default) or `low`: the lane of its kind a job waits in (see
+    /// [`crate::priority`]). Conveyor's publishers route by it; on a delivered job it says the
+    /// lane the job came from.
+    pub const PRIORITY: &str = "Conveyor-Priority";
 }
 
 /// Final state of a job, as carried in `Conveyor-Status`.
@@ -149,10 +153,17 @@ pub fn rate_bucket(kind: &str, key: Option<&str>) -> String {
     }
 }
 
-/// True for the bucket of one value of a rate key: the broker removes its queues and consumers
+/// True for the bucket of one value of a rate key (a name that ends in `~` and 32 hex digits;
+/// a priority lane's `~high` or `~low` is not one): the broker removes its queues and consumers
 /// once they go unused for a while.
 pub fn is_keyed_bucket(bucket: &str) -> bool {
-    bucket.contains('~')
+    bucket
+        .rsplit_once('~')
+        .is_some_and(|(_, hash)| is_bucket_hash(hash))
+}
+
+fn is_bucket_hash(hash: &str) -> bool {
+    hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Checks a token bucket's name (see [`rate_bucket`]).
@@ -161,7 +172,7 @@ pub fn validate_bucket(bucket: &str) -> Result<()> {
         None => validate_kind(bucket),
         Some((kind, hash)) => {
             validate_kind(kind)?;
-            if hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if is_bucket_hash(hash) {
                 Ok(())
             } else {
                 Err(Error::Config(format!("invalid rate bucket {bucket:?}")))
@@ -489,6 +500,7 @@ mod tests {
         assert_ne!(b, rate_bucket("fetch", Some("globex")));
         assert_eq!(rate_bucket("fetch", None), "fetch");
         assert!(is_keyed_bucket(&b) && !is_keyed_bucket("fetch"));
+        assert!(!is_keyed_bucket("workers=fetch~high") && !is_keyed_bucket("c.jobs.fetch~low"));
         assert!(validate_bucket(&b).is_ok() && validate_bucket("fetch").is_ok());
         assert!(validate_kind(&b).is_err(), "no kind is a keyed bucket");
         assert!(validate_bucket("fetch~nothex").is_err());

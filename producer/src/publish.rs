@@ -43,6 +43,10 @@ pub struct PublishArgs {
     /// milliseconds since the Unix epoch.
     #[arg(long, value_parser = parse_at)]
     at: Option<u64>,
+    /// Priority: high, normal or low (`Conveyor-Priority`). A worker takes a kind's high jobs
+    /// first, and its normal and low ones in a weighted share.
+    #[arg(long, default_value = "normal")]
+    priority: conveyor::Priority,
     /// Body encoding: json or bincode.
     #[arg(long, default_value = "json")]
     codec: Codec,
@@ -156,6 +160,9 @@ pub async fn run(
             }
             if let Some(d) = args.delay {
                 spec = spec.delay(d);
+            }
+            if args.priority != conveyor::Priority::Normal {
+                spec = spec.priority(args.priority);
             }
             if let Some(ms) = args.at {
                 spec = spec.not_before(std::time::UNIX_EPOCH + Duration::from_millis(ms));

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+pub(crate) mod lanes;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(test)]
@@ -48,8 +49,16 @@ pub enum Route {
 /// What to consume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// One kind's jobs, shared with every worker that takes the kind.
+    /// One kind's jobs, shared with every worker that takes the kind: its priority lanes,
+    /// read in turns (see [`crate::priority`]).
     Kind(String),
+    /// One priority lane of a kind's jobs only.
+    Lane {
+        /// Job kind.
+        kind: String,
+        /// The lane.
+        priority: crate::priority::Priority,
+    },
     /// Jobs whose kind no worker has declared yet: the catch-all worker's share. The kinds
     /// listed are consumed separately by the caller.
     Unrouted(Vec<String>),

@@ -681,9 +681,13 @@ impl Inner {
     ) -> Result<(lapin::Channel, lapin::Consumer)> {
         let n = &self.names;
         let queue = match source {
-            Source::Kind(kind) => {
-                let queue = n.job_queue(kind);
-                self.declare_bound(&self.stored(queue.clone(), n.exchange("jobs"), kind))
+            Source::Kind(kind) | Source::Lane { kind, .. } => {
+                let lane = match source {
+                    Source::Lane { priority, .. } => crate::priority::lane(kind, *priority),
+                    _ => kind.clone(),
+                };
+                let queue = n.job_queue(&lane);
+                self.declare_bound(&self.stored(queue.clone(), n.exchange("jobs"), &lane))
                     .await?;
                 queue
             }
@@ -723,14 +727,17 @@ impl Inner {
                 crate::protocol::validate_kind(kind)?;
                 crate::protocol::validate_tee_name(name)?;
                 let queue = n.tee_queue(name, kind);
-                self.declare_bound(&tee_binding(
-                    queue.clone(),
-                    n.exchange("jobs"),
-                    kind,
-                    *backlog,
-                    opts.ephemeral,
-                ))
-                .await?;
+                // Copies of every lane of the kind: one queue, bound with each lane's key.
+                for p in crate::priority::Priority::ALL {
+                    self.declare_bound(&tee_binding(
+                        queue.clone(),
+                        n.exchange("jobs"),
+                        &crate::priority::lane(kind, p),
+                        *backlog,
+                        opts.ephemeral,
+                    ))
+                    .await?;
+                }
                 queue
             }
         };
@@ -785,6 +792,10 @@ impl Inner {
     fn job_source_queue(&self, source: &Source) -> Option<String> {
         match source {
             Source::Kind(kind) => Some(self.names.job_queue(kind)),
+            Source::Lane { kind, priority } => Some(
+                self.names
+                    .job_queue(&crate::priority::lane(kind, *priority)),
+            ),
             Source::Unrouted(_) => Some(self.names.unrouted()),
             _ => None,
         }
@@ -922,13 +933,13 @@ fn control_log_binding(n: &Names) -> Binding {
     }
 }
 
-/// A tee's queue: bound to the jobs exchange with the kind, at most `backlog` copies with the
+/// A tee's queue: bound to the jobs exchange with the kind's `lane`, at most `backlog` copies with the
 /// oldest dropped first (`drop-head`: publishers are never refused or slowed by it). Classic, as
 /// a copy needs no replication; durable unless `ephemeral`, which goes with its reader.
 fn tee_binding(
     queue: String,
     exchange: String,
-    kind: &str,
+    lane: &str,
     backlog: u64,
     ephemeral: bool,
 ) -> Binding {
@@ -951,7 +962,7 @@ fn tee_binding(
     Binding {
         args,
         options,
-        ..Binding::new(queue, exchange, kind)
+        ..Binding::new(queue, exchange, lane)
     }
 }
 
@@ -1149,8 +1160,13 @@ impl Resubscribing {
                 Box::new(PermitAcker(d.acker)),
             );
         }
-        let (headers, redeliveries) = from_amqp(&d.properties);
-        let kind = kind_of(&d);
+        let (mut headers, redeliveries) = from_amqp(&d.properties);
+        let kind = match &self.source {
+            Feed::Source(Source::Kind(_) | Source::Lane { .. } | Source::Unrouted(_)) => {
+                crate::priority::arrived(d.routing_key.as_str(), &mut headers)
+            }
+            _ => kind_of(&d),
+        };
         let broker_id = format!("amqp-{}", crate::job::new_id());
         Delivery::new(
             kind.clone(),
@@ -1168,7 +1184,8 @@ impl Resubscribing {
     }
 }
 
-/// Kind of a delivered job: its routing key (jobs from delay queues keep the original key).
+/// Kind of a delivered result or dead letter: its routing key. (A job's routing key is its
+/// lane, which jobs from delay queues keep: see [`crate::priority::arrived`].)
 fn kind_of(d: &lapin::message::Delivery) -> String {
     d.routing_key.as_str().to_string()
 }
@@ -1259,7 +1276,8 @@ impl Acker for AmqpAcker {
         let t = self.transport.clone();
         let copied = async {
             t.retry_queue(ms).await?;
-            t.publish_raw(&t.names.exchange("retry"), &self.kind, true, &next)
+            let lane = crate::priority::lane_of(&self.kind, &next.headers);
+            t.publish_raw(&t.names.exchange("retry"), &lane, true, &next)
                 .await
         }
         .await;
@@ -1297,14 +1315,16 @@ impl Transport for AmqpTransport {
         let t = &self.inner;
         let n = &t.names;
         match &route {
-            Route::Job(kind) => t.publish_raw(&n.exchange("jobs"), kind, true, &msg).await,
+            Route::Job(kind) | Route::Due(kind) => {
+                let lane = crate::priority::lane_of(kind, &msg.headers);
+                t.publish_raw(&n.exchange("jobs"), &lane, true, &msg).await
+            }
             Route::Result(kind) => {
                 t.publish_raw(&n.exchange("results"), kind, true, &msg)
                     .await
             }
             Route::Dead(kind) => t.publish_raw(&n.exchange("dead"), kind, true, &msg).await,
             Route::Reply(to) => t.publish_raw(&n.exchange("replies"), to, false, &msg).await,
-            Route::Due(kind) => t.publish_raw(&n.exchange("jobs"), kind, true, &msg).await,
             Route::Waiting { kind, until_ms } => {
                 // A hop through the delay queue that does not pass the job's time; it comes
                 // back to the kind's queue and waits again if it is still early.
@@ -1313,14 +1333,27 @@ impl Transport for AmqpTransport {
                 let mut msg = msg;
                 msg.headers.insert(header::RETRY_DELAY_MS, ms.to_string());
                 t.retry_queue(ms).await?;
-                t.publish_raw(&n.exchange("retry"), kind, true, &msg).await
+                let lane = crate::priority::lane_of(kind, &msg.headers);
+                t.publish_raw(&n.exchange("retry"), &lane, true, &msg).await
             }
         }
     }
 
     async fn consume(&self, source: Source, opts: ConsumeOptions) -> Result<DeliveryStream> {
-        let cumulative =
-            opts.cumulative && !matches!(source, Source::Kind(_) | Source::Unrouted(_));
+        if let Source::Kind(kind) = &source {
+            let mut lanes = Vec::new();
+            for priority in crate::priority::Priority::ALL {
+                let kind = kind.clone();
+                let lane = self.consume(Source::Lane { kind, priority }, opts).await?;
+                lanes.push((priority, lane));
+            }
+            return Ok(super::lanes::merge(lanes));
+        }
+        let cumulative = opts.cumulative
+            && !matches!(
+                source,
+                Source::Kind(_) | Source::Lane { .. } | Source::Unrouted(_)
+            );
         // The first attempt's error is the caller's (a missing permission, say); once consuming,
         // a lost connection is re-opened, re-declared and re-subscribed with the same prefetch.
         let first = bounded("consume", self.inner.open_consumer(&source, opts)).await?;
@@ -1673,7 +1706,9 @@ impl Transport for AmqpTransport {
             n.dead_queue(),
             n.control_log(),
         ];
-        queues.extend(kinds.iter().map(|kind| n.job_queue(kind)));
+        queues.extend(kinds.iter().flat_map(|kind| {
+            crate::priority::Priority::ALL.map(|p| n.job_queue(&crate::priority::lane(kind, p)))
+        }));
         queues.extend(kinds.iter().map(|kind| n.permit_queue(kind)));
         queues.extend(kinds.iter().map(|kind| n.token_subject(kind)));
         queues.extend(

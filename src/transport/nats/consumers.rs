@@ -106,19 +106,20 @@ impl NatsTransport {
             .boxed())
     }
 
-    /// One kind's jobs: held jobs keep their leases ([`held`]), and jobs no NATS client can
-    /// read are dead-lettered after each reconnect ([`poison`]).
+    /// One lane of a kind's jobs (see [`crate::priority::lane`]): held jobs keep their leases
+    /// ([`held`]), and jobs no NATS client can read are dead-lettered after each reconnect
+    /// ([`poison`]).
     pub(super) async fn pull_jobs(
         &self,
-        kind: &str,
+        lane: &str,
         opts: ConsumeOptions,
     ) -> Result<DeliveryStream> {
         let n = &self.names;
         let consumer = self
             .consumer(
                 &n.stream("jobs"),
-                &consumer_name_for_kind(kind),
-                n.job_subject(kind),
+                &consumer_name_for_kind(lane),
+                n.job_subject(lane),
                 opts,
             )
             .await?;
@@ -126,7 +127,7 @@ impl NatsTransport {
         let (stream, closed) = held::job_stream(consumer.clone(), opts, prefix_len);
         tokio::spawn(poison::sweep_after_connects(
             self.clone(),
-            kind.to_string(),
+            lane.to_string(),
             consumer,
             self.connects.clone(),
             closed,
@@ -155,9 +156,10 @@ impl NatsTransport {
                     Err(_) => Vec::new(),
                 };
                 for (subject, _count) in subjects {
-                    let Some(kind) = subject.strip_prefix(&prefix).map(str::to_string) else {
+                    let Some(lane) = subject.strip_prefix(&prefix) else {
                         continue;
                     };
+                    let kind = crate::priority::split(lane).0.to_string();
                     if served.contains(&kind) {
                         continue;
                     }

@@ -91,14 +91,18 @@ pub(super) fn to_delivery(msg: jetstream::Message, prefix_len: usize) -> Deliver
         Err(_) => (1, crate::job::new_id()),
     };
     let (msg, acker) = msg.split();
-    // Subject is "<ns>.<class>.<kind>": strip "<ns>." and the class word.
-    let kind = msg
+    let mut headers = from_nats_headers(msg.headers.as_ref());
+    // Subject is "<ns>.<class>.<kind>": strip "<ns>." and the class word. A job's is its lane.
+    let kind = match msg
         .subject
         .get(prefix_len..)
         .and_then(|rest| rest.split_once('.'))
-        .map(|(_, kind)| kind.to_string())
-        .unwrap_or_default();
-    let message = Message::new(from_nats_headers(msg.headers.as_ref()), msg.payload);
+    {
+        Some(("jobs", lane)) => crate::priority::arrived(lane, &mut headers),
+        Some((_, kind)) => kind.to_string(),
+        None => String::new(),
+    };
+    let message = Message::new(headers, msg.payload);
     Delivery::new(
         kind,
         message,

@@ -206,7 +206,11 @@ impl Transport for NatsTransport {
     async fn publish(&self, route: Route, mut msg: Message) -> Result<()> {
         let id = crate::job::id_of(&msg.headers).unwrap_or_default();
         let (subject, dedup) = match &route {
-            Route::Job(kind) => (self.names.job_subject(kind), id),
+            Route::Job(kind) => (
+                self.names
+                    .job_subject(&crate::priority::lane_of(kind, &msg.headers)),
+                id,
+            ),
             Route::Waiting { kind, .. } => {
                 msg.headers.remove(header::NATS_MSG_ID);
                 (self.names.delayed_subject(kind), id)
@@ -217,7 +221,8 @@ impl Transport for NatsTransport {
                 msg.headers.insert(header::ID, id.clone());
                 let at = msg.headers.get(header::NOT_BEFORE).unwrap_or_default();
                 let dedup = format!("{id}@{at}");
-                (self.names.job_subject(kind), dedup)
+                let lane = crate::priority::lane_of(kind, &msg.headers);
+                (self.names.job_subject(&lane), dedup)
             }
             // Results carry no de-duplication id: the aggregator records each job id once anyway,
             // and the server then keeps no per-result state.
@@ -329,7 +334,20 @@ impl Transport for NatsTransport {
         let n = &self.names;
         let ns = n.namespace();
         match source {
-            Source::Kind(kind) => self.pull_jobs(&kind, opts).await,
+            Source::Kind(kind) => {
+                let mut lanes = Vec::new();
+                for p in crate::priority::Priority::ALL {
+                    let lane = self
+                        .pull_jobs(&crate::priority::lane(&kind, p), opts)
+                        .await?;
+                    lanes.push((p, lane));
+                }
+                Ok(crate::transport::lanes::merge(lanes))
+            }
+            Source::Lane { kind, priority } => {
+                self.pull_jobs(&crate::priority::lane(&kind, priority), opts)
+                    .await
+            }
             Source::Waiting => {
                 let n = &self.names;
                 let filter = format!("{}.delayed.>", n.namespace());
@@ -353,13 +371,21 @@ impl Transport for NatsTransport {
                 crate::protocol::validate_kind(&kind)?;
                 crate::protocol::validate_tee_name(&name)?;
                 self.declare_tee(backlog).await?;
-                self.pull(
-                    n.stream("tee"),
-                    crate::protocol::tee_consumer_name(&name, &kind),
-                    n.tee_subject(&kind),
-                    opts,
-                )
-                .await
+                // The copies of every lane (each its own subject, so its own consumer).
+                let mut lanes = Vec::new();
+                for p in crate::priority::Priority::ALL {
+                    let lane = crate::priority::lane(&kind, p);
+                    let copies = self
+                        .pull(
+                            n.stream("tee"),
+                            crate::protocol::tee_consumer_name(&name, &lane),
+                            n.tee_subject(&lane),
+                            opts,
+                        )
+                        .await?;
+                    lanes.push((p, copies));
+                }
+                Ok(crate::transport::lanes::merge(lanes))
             }
         }
     }

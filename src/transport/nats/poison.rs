@@ -144,11 +144,11 @@ impl NatsTransport {
         }
     }
 
-    /// Moves every delivered, unacked job of `kind` that async-nats cannot read to the dead
-    /// letters (with a `dead` result), then deletes it from the jobs stream. Returns how many.
+    /// Moves every delivered, unacked job of a kind's `lane` that async-nats cannot read to the
+    /// dead letters (with a `dead` result), then deletes it from the jobs stream. Returns how many.
     pub(super) async fn sweep_unreadable(
         &self,
-        kind: &str,
+        lane: &str,
         consumer: &mut PullConsumer,
     ) -> Result<usize> {
         let info = consumer
@@ -160,7 +160,8 @@ impl NatsTransport {
             info.delivered.stream_sequence,
         );
         let stream = self.names.stream("jobs");
-        let subject = self.names.job_subject(kind);
+        let subject = self.names.job_subject(lane);
+        let kind = crate::priority::split(lane).0;
         let mut seq = floor.saturating_add(1);
         let mut moved = 0;
         for _ in 0..MOST_PER_SWEEP {
@@ -247,7 +248,8 @@ impl NatsTransport {
     }
 }
 
-/// Sweeps `kind`'s unreadable jobs after every (re)connect of `transport`, until `stop`.
+/// Sweeps the unreadable jobs of a kind's lane (`kind`: its name) after every (re)connect of
+/// `transport`, until `stop`.
 pub(super) async fn sweep_after_connects(
     transport: NatsTransport,
     kind: String,
