@@ -11,14 +11,16 @@
 //! | `worker.after-retry-copy` | RabbitMQ: a failed attempt's copy is in its delay queue; the delivery is not acked yet |
 //! | `aggregator.before-ack` | a batch of results is committed to the store; it is not acked yet |
 //! | `aggregator.before-chord-callback` | a chord's last member is committed; its callback is not published yet |
+//! | `scheduler.before-record` | the leading scheduler published a round of ticks (confirmed); it has not recorded them yet |
 
 /// The fault points there are.
-pub const POINTS: [&str; 5] = [
+pub const POINTS: [&str; 6] = [
     "worker.before-ack",
     "worker.before-retry",
     "worker.after-retry-copy",
     "aggregator.before-ack",
     "aggregator.before-chord-callback",
+    "scheduler.before-record",
 ];
 
 /// What `CONVEYOR_FAULT` asks for: a point of [`POINTS`] and the pass, from 1. A spec naming no

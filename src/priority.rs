@@ -18,10 +18,14 @@
 
 use crate::message::Headers;
 use crate::protocol::header;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// A job's priority: the lane of its kind it waits in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// Taken first: about 6 of every 10 takes when every lane has jobs, and the turns of empty
     /// lanes.

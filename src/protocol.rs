@@ -70,6 +70,10 @@ pub mod header {
     pub const SCHEDULE: &str = "Conveyor-Schedule";
     /// On a job a scheduler published: its tick's time, in milliseconds since the Unix epoch.
     pub const TICK: &str = "Conveyor-Tick";
+    /// On a job a scheduler published: which copy of the tick it is (the publishing leader's
+    /// token). Where the broker keeps no publish ids (RabbitMQ), a worker runs only the copy
+    /// that claims the tick first (see [`crate::schedule::runs`]).
+    pub const TICK_COPY: &str = "Conveyor-Tick-Copy";
     /// `high`, `normal` (the default) or `low`: the lane of its kind a job waits in (see
     /// [`crate::priority`]). Conveyor's publishers route by it; on a delivered job it says the
     /// lane the job came from.

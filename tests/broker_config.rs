@@ -176,6 +176,9 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
         "schedule list: {}",
         text(&listed)
     );
+    let results_before = http_get(addr, "/stats").await.1["results"]
+        .as_u64()
+        .unwrap_or(0);
     let ran = producer(&["run", "--for", "4s"]);
     let report = text(&ran);
     assert!(
@@ -206,6 +209,25 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
     assert!(
         published >= 2,
         "the scheduler published {published} ticks: {report}"
+    );
+    // The worker user runs them, each claimed first where the broker keeps no publish ids.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(addr, "/stats").await.1["results"]
+        .as_u64()
+        .unwrap_or(0)
+        < results_before + published
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the ticks were not all recorded:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !logs().contains("cannot claim the tick"),
+        "the worker user could not claim ticks:\n{}",
+        logs()
     );
     let removed = producer(&["remove", "cfg-beat"]);
     assert!(

@@ -2,7 +2,8 @@
 //! jobs published behind a backlog of 500 normal and low ones all finish before the 50th of the
 //! backlog, and a retried high job comes back to its lane; low jobs still get their share of a
 //! backlog of high ones; an outside client (nats-py, pika) chooses the lane by the address it
-//! publishes to, and a level that is none is dead-lettered with the header named.
+//! publishes to, and a level that is none is dead-lettered with the header named; a schedule's
+//! jobs take its priority.
 
 mod common;
 
@@ -22,6 +23,7 @@ both_brokers!(
     high_jobs_jump_a_backlog_of_low_ones,
     low_jobs_get_a_share_of_a_backlog_of_high_ones,
     an_outside_client_chooses_the_lane_by_its_address,
+    a_schedules_jobs_take_its_priority,
 );
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -293,6 +295,69 @@ async fn an_outside_client_chooses_the_lane_by_its_address(broker: Broker) {
     assert!(
         error.contains(header::PRIORITY) && error.contains("urgent"),
         "the reason names the header: {error}"
+    );
+    stack.stop().await;
+}
+
+/// A backlog of 300 normal jobs of 50 ms on a worker of two slots; a schedule of `high` jobs
+/// every second, run by a scheduler in this process: its first two ticks each finish within a
+/// second and a half of their time, while the backlog still waits (in line, they would wait
+/// for the rest of it, seconds).
+async fn a_schedules_jobs_take_its_priority(broker: Broker) {
+    use conveyor::schedule::{run, table, Schedule};
+    let stack = start(broker).await;
+    let mut events = conveyor::events::watch(stack.client.transport().as_ref(), None)
+        .await
+        .expect("watch");
+    let ns = stack.ns.clone();
+    let backlog: Vec<JobSpec> = (0..300)
+        .map(|i| JobSpec::new("work", json!({"ms": 50})).id(format!("{ns}-backlog-{i}")))
+        .collect();
+    let backlog_ids: Vec<String> = backlog.iter().filter_map(|s| s.id.clone()).collect();
+    for r in stack.client.publish_many(backlog, 64, |_| {}).await {
+        r.expect("backlog job published");
+    }
+    let mut seen = Seen::new();
+    events_until(&mut events, &mut seen, |s| done(s, &backlog_ids) >= 5).await;
+    let mut schedule = Schedule::every("urgent", "work", 1_000);
+    schedule.payload = json!({"ms": 50});
+    schedule.priority = Priority::High;
+    table::put(stack.client.transport().as_ref(), schedule)
+        .await
+        .expect("schedule stored");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let scheduler = tokio::spawn(run::run(stack.client.clone(), stop.clone()));
+    let ticks_done = |s: &Seen| -> Vec<(u64, u64)> {
+        s.values()
+            .filter(|e| e.state == "succeeded")
+            .filter_map(|e| Some((e.id.strip_prefix("urgent@")?.parse().ok()?, e.at_ms)))
+            .collect()
+    };
+    events_until(&mut events, &mut seen, |s| ticks_done(s).len() >= 2).await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), scheduler)
+        .await
+        .expect("scheduler stops")
+        .expect("scheduler task")
+        .expect("scheduler ran");
+    let backlog_done = done(&seen, &backlog_ids);
+    let mut ticks = ticks_done(&seen);
+    ticks.sort_unstable();
+    let late: Vec<u64> = ticks
+        .iter()
+        .map(|(tick, at)| at.saturating_sub(*tick))
+        .collect();
+    eprintln!(
+        "{broker:?}: two high ticks finished {late:?} ms after their time, with {backlog_done} \
+         of 300 backlog jobs done"
+    );
+    assert!(
+        late.iter().all(|ms| *ms < 1_500),
+        "a tick waited behind the backlog: {late:?} ms"
+    );
+    assert!(
+        backlog_done < 250,
+        "the backlog was nearly through ({backlog_done}): nothing was jumped"
     );
     stack.stop().await;
 }

@@ -69,6 +69,9 @@ pub struct AddArgs {
     /// A tick while the previous job has no result: allow or skip.
     #[arg(long, default_value = "allow")]
     overlap: Overlap,
+    /// The priority of its jobs: high, normal or low.
+    #[arg(long, default_value = "normal")]
+    priority: conveyor::Priority,
     /// Add it paused.
     #[arg(long)]
     paused: bool,
@@ -143,6 +146,7 @@ fn schedule_of(a: &AddArgs) -> anyhow::Result<Schedule> {
     s.payload = payload;
     s.missed = a.missed;
     s.overlap = a.overlap;
+    s.priority = a.priority;
     s.paused = a.paused;
     s.validate()?;
     Ok(s)

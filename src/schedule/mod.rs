@@ -9,6 +9,7 @@
 
 pub mod request;
 pub mod run;
+pub mod runs;
 pub mod table;
 
 use crate::error::{Error, Result};
@@ -97,6 +98,9 @@ pub struct Schedule {
     /// The overlap policy.
     #[serde(default)]
     pub overlap: Overlap,
+    /// The priority of the jobs it publishes (see [`crate::priority`]).
+    #[serde(default)]
+    pub priority: crate::priority::Priority,
     /// A paused schedule publishes nothing; its ticks while paused are skipped.
     #[serde(default)]
     pub paused: bool,
@@ -121,6 +125,7 @@ impl Schedule {
             tz: None,
             missed: Missed::default(),
             overlap: Overlap::default(),
+            priority: crate::priority::Priority::default(),
             paused: false,
             created_ms: crate::job::now_ms(),
             since_ms: crate::job::now_ms(),
@@ -275,6 +280,20 @@ pub fn validate_name(name: &str) -> Result<()> {
     } else {
         Err(Error::Config(format!(
             "invalid schedule name {name:?}: use 1 to 64 letters, digits, '-' and '_'"
+        )))
+    }
+}
+
+/// Checks a register's name: one or two words (see [`validate_name`]) joined by a dot
+/// (`schedules`, `ticks`, `runs.<schedule>`).
+pub fn validate_register(name: &str) -> Result<()> {
+    let words: Vec<&str> = name.split('.').collect();
+    if words.len() <= 2 && words.iter().all(|w| crate::protocol::is_word(w)) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "invalid register name {name:?}: one or two words of letters, digits, '-' and '_', \
+             joined by a dot"
         )))
     }
 }

@@ -34,6 +34,9 @@ pub struct ScheduleRequest {
     /// `allow` (the default) or `skip`.
     #[serde(default)]
     pub overlap: Overlap,
+    /// `high`, `normal` (the default) or `low`: the priority of its jobs.
+    #[serde(default)]
+    pub priority: crate::priority::Priority,
     /// Store it paused.
     #[serde(default)]
     pub paused: bool,
@@ -77,6 +80,7 @@ impl ScheduleRequest {
             tz: self.tz,
             missed: self.missed,
             overlap: self.overlap,
+            priority: self.priority,
             paused: self.paused,
             created_ms: now,
             since_ms: now,
@@ -98,10 +102,11 @@ mod tests {
     fn a_body_becomes_a_schedule() {
         let s = schedule(
             "beat",
-            r#"{"kind":"echo","every":"1m 30s","missed":"catch-up","payload":{"a":1}}"#,
+            r#"{"kind":"echo","every":"1m 30s","missed":"catch-up","payload":{"a":1},"priority":"high"}"#,
         )
         .expect("valid");
         assert_eq!(s.every_ms, Some(90_000));
+        assert_eq!(s.priority, crate::priority::Priority::High);
         assert_eq!(s.missed, Missed::CatchUp);
         assert_eq!(s.payload["a"], 1);
         let c = schedule(
@@ -126,6 +131,10 @@ mod tests {
                 "every_ms",
             ),
             (r#"{"kind":"echo","every_ms":10}"#, "10 ms"),
+            (
+                r#"{"kind":"echo","every":"1s","priority":"urgent"}"#,
+                "urgent",
+            ),
             (r#"{"kind":"echo","every":"1s","missed":"later"}"#, "later"),
             (r#"{"kind":"echo","every":"1s","tz":"Europe/Paris"}"#, "tz"),
             (r#"{"kind":"echo","cron":"61 * * * *"}"#, "cron expression"),

@@ -4,6 +4,9 @@
 //! that took it). A scheduler that dies frees the claim (RabbitMQ at once, with its connection;
 //! JetStream once it is not refreshed for [`FLIGHT_TTL`](crate::transport::FLIGHT_TTL)), and
 //! another one goes on from the recorded ticks, applying each schedule's missed-tick policy.
+//! One that dies between publishing and recording leaves its last round to the next, which
+//! publishes it again: JetStream drops the copies by id, and on RabbitMQ workers run only the
+//! first copy of each tick ([`super::runs`]).
 
 use super::table::{self, Versioned, TICKS};
 use super::{tick_id, Missed, Overlap, Schedule, MAX_CATCH_UP};
@@ -47,10 +50,15 @@ pub struct SchedulerReport {
 
 /// Runs a scheduler over `client`'s namespace until `stop`.
 pub async fn run(client: Client, stop: CancellationToken) -> Result<SchedulerReport> {
+    crate::fault::check()?;
     let mut report = SchedulerReport::default();
     while !stop.is_cancelled() {
-        match client.transport().claim_flight(CLAIM).await {
-            Ok(Some(claim)) => {
+        let contended = tokio::select! {
+            _ = stop.cancelled() => break,
+            lead = client.transport().lead(CLAIM, CONTEND) => lead,
+        };
+        match contended {
+            Ok(claim) => {
                 report.led += 1;
                 tracing::info!("this scheduler leads: it publishes the schedules' ticks");
                 let outcome = lead(&client, claim.as_ref(), &stop, &mut report).await;
@@ -64,7 +72,6 @@ pub async fn run(client: Client, stop: CancellationToken) -> Result<SchedulerRep
                     tracing::warn!(error = %e, "this scheduler no longer leads");
                 }
             }
-            Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cannot contend for the schedules yet"),
         }
         tokio::select! {
@@ -87,6 +94,8 @@ async fn lead(
     let t: &dyn Transport = client.transport().as_ref();
     let (reply_to, mut replies) = t.reply_inbox().await?;
     let mut ticks: Versioned<BTreeMap<String, u64>> = table::read(t, TICKS).await?;
+    // Which copy of a tick this leader publishes (see [`super::runs`]).
+    let copy = crate::job::new_id();
     let mut running = Running::default();
     let mut schedules = BTreeMap::new();
     let (mut loaded, mut refreshed) = (None::<Instant>, Instant::now());
@@ -132,7 +141,7 @@ async fn lead(
             if failed.contains(&schedule.name.as_str()) {
                 continue;
             }
-            match publish_tick(client, schedule, *tick, &reply_to).await {
+            match publish_tick(client, schedule, *tick, &reply_to, &copy).await {
                 Ok(id) => {
                     report.published += 1;
                     if schedule.overlap == Overlap::Skip {
@@ -151,6 +160,9 @@ async fn lead(
             }
         }
         if plan.changed {
+            if !plan.fire.is_empty() {
+                crate::fault::point("scheduler.before-record");
+            }
             match table::write(t, TICKS, ticks.revision, &ticks.value).await? {
                 Some(revision) => ticks.revision = revision,
                 None => {
@@ -264,15 +276,27 @@ async fn publish_tick(
     schedule: &Schedule,
     tick: u64,
     reply_to: &str,
+    copy: &str,
 ) -> Result<String> {
+    client
+        .publish(&tick_spec(schedule, tick, reply_to, copy))
+        .await
+}
+
+/// The job of `schedule`'s tick at `tick`, as copy `copy` (see [`super::runs`]).
+fn tick_spec(schedule: &Schedule, tick: u64, reply_to: &str, copy: &str) -> JobSpec {
     let mut spec = JobSpec::new(schedule.kind.clone(), schedule.payload.clone())
         .id(tick_id(&schedule.name, tick));
     if schedule.overlap == Overlap::Skip {
         spec = spec.reply_to(reply_to);
     }
+    if schedule.priority != crate::priority::Priority::Normal {
+        spec = spec.priority(schedule.priority);
+    }
     spec.headers.insert(header::SCHEDULE, schedule.name.clone());
     spec.headers.insert(header::TICK, tick.to_string());
-    client.publish(&spec).await
+    spec.headers.insert(header::TICK_COPY, copy);
+    spec
 }
 
 #[cfg(test)]
@@ -281,6 +305,25 @@ mod tests {
 
     fn one(s: Schedule) -> BTreeMap<String, Schedule> {
         BTreeMap::from([(s.name.clone(), s)])
+    }
+
+    #[test]
+    fn a_ticks_job_says_its_schedule_tick_copy_and_priority() {
+        let mut s = Schedule::every("beat", "echo", 1_000);
+        s.priority = crate::priority::Priority::High;
+        s.overlap = Overlap::Skip;
+        let spec = tick_spec(&s, 5_000, "_INBOX.x", "c1");
+        assert_eq!(spec.id.as_deref(), Some("beat@5000"));
+        assert_eq!(spec.reply_to.as_deref(), Some("_INBOX.x"));
+        let (_, msg) = spec.to_message().expect("a job");
+        assert_eq!(
+            crate::schedule::runs::tick_of(&msg.headers),
+            Some(("beat", 5_000, "c1"))
+        );
+        assert_eq!(crate::priority::lane_of("echo", &msg.headers), "echo~high");
+        s.priority = crate::priority::Priority::Normal;
+        let (_, msg) = tick_spec(&s, 5_000, "", "c1").to_message().expect("a job");
+        assert_eq!(msg.headers.get(header::PRIORITY), None);
     }
 
     #[test]

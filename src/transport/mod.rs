@@ -255,6 +255,13 @@ pub trait Transport: Send + Sync + 'static {
         false
     }
 
+    /// True when the broker itself drops a second publish of a job id (JetStream's
+    /// de-duplication window); false when each publish is a job (RabbitMQ), so that a worker
+    /// claims a scheduler's tick before running it ([`crate::schedule::runs`]).
+    fn drops_republished_ids(&self) -> bool {
+        false
+    }
+
     /// Checks that a job's reply address `to` is one a reply may go to, before anything is
     /// published there (an error says why not; the job is then dead-lettered). NATS replies must
     /// stay in the inbox space ([`crate::protocol::check_nats_reply`]); RabbitMQ replies can only
@@ -345,6 +352,20 @@ pub trait Transport: Send + Sync + 'static {
     /// process holds it. A claim of a process that dies is freed by the broker (RabbitMQ when its
     /// connection closes, JetStream when it is not refreshed for [`FLIGHT_TTL`]).
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn FlightClaim>>>;
+
+    /// Waits until this process leads `name` (one process of the namespace at a time), and
+    /// returns the lead, held until released or the process dies; abandoned by dropping the
+    /// future. By default, [`Transport::claim_flight`] tried every `every`. RabbitMQ: the first
+    /// consumer of a single-active-consumer queue, handed the lead at once when the leader's
+    /// connection goes, with no attempt refused meanwhile.
+    async fn lead(&self, name: &str, every: Duration) -> Result<Box<dyn FlightClaim>> {
+        loop {
+            if let Some(claim) = self.claim_flight(name).await? {
+                return Ok(claim);
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
 
     /// Reads register `name` (letters, digits, '-' and '_'): a small value the broker keeps
     /// durably, with its revision; `None` when it was never written.

@@ -90,6 +90,18 @@ pub async fn process(
         Ok(v) => v,
         Err(e) => return dead(&shared, delivery, &meta, &e.to_string()).await,
     };
+    if !shared.transport.drops_republished_ids() {
+        match first_copy(&shared, &delivery, &meta).await {
+            Copy::Run => {}
+            Copy::Duplicate => {
+                if let Err(e) = delivery.ack().await {
+                    tracing::warn!(job = %meta.id, error = %e, "ack of a duplicate tick failed");
+                }
+                return Outcome::Ended;
+            }
+            Copy::Later => return hand_back(delivery).await,
+        }
+    }
     let mut meta = meta;
     if meta.timeout.is_none() {
         meta.timeout = shared.config.kind_timeouts.get(&meta.kind).copied();
@@ -125,6 +137,42 @@ pub async fn process(
             dead_as(&shared, delivery, &meta, &reason, status).await
         }
         Err(e) => dead(&shared, delivery, &meta, &e.to_string()).await,
+    }
+}
+
+/// What to do with a delivery that may be a second copy of a scheduler's tick.
+enum Copy {
+    /// Not a tick, or the copy that holds its tick: run it.
+    Run,
+    /// Another copy of the tick holds it: ack this one without running it.
+    Duplicate,
+    /// The claim could not be made now: hand the delivery back.
+    Later,
+}
+
+/// Claims a scheduler's tick for this copy before it runs (see [`crate::schedule::runs`]).
+async fn first_copy(shared: &Shared, delivery: &Delivery, meta: &JobMeta) -> Copy {
+    let Some((schedule, tick, copy)) = crate::schedule::runs::tick_of(&delivery.message.headers)
+    else {
+        return Copy::Run;
+    };
+    let t = shared.transport.as_ref();
+    match crate::schedule::runs::claim(t, schedule, tick, copy).await {
+        Ok(true) => Copy::Run,
+        Ok(false) => {
+            tracing::info!(job = %meta.id, %schedule, tick, "another copy of this tick holds it (published again by the scheduler that took over): acked without running");
+            Copy::Duplicate
+        }
+        Err(e @ crate::Error::Denied { .. }) => {
+            // Without the right to claim, a tick runs at least once rather than never.
+            tracing::warn!(job = %meta.id, error = %e, "cannot claim the tick; running it unclaimed");
+            Copy::Run
+        }
+        Err(e) => {
+            tracing::warn!(job = %meta.id, error = %e, "cannot claim the tick now; handing it back");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            Copy::Later
+        }
     }
 }
 

@@ -895,6 +895,40 @@ impl super::FlightClaim for AmqpBaton {
     }
 }
 
+/// A held lead ([`Transport::lead`]): the baton unacked on its own channel; closing the channel
+/// hands it to the next contender.
+struct AmqpLead {
+    ch: lapin::Channel,
+    queue: String,
+    _consumer: lapin::Consumer,
+}
+
+#[async_trait]
+impl super::FlightClaim for AmqpLead {
+    async fn refresh(&self) -> Result<()> {
+        // A round trip on the lead's own channel, as for a claim: a process frozen past its
+        // heartbeat learns here that the broker handed its baton on.
+        still_held(&self.ch, "refresh lead")?;
+        let check = self.ch.queue_declare(
+            self.queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        );
+        bounded("refresh lead", async {
+            check.await.map_err(|e| amqp_error("refresh lead", e))
+        })
+        .await
+        .map(|_| ())
+    }
+    async fn release(self: Box<Self>) -> Result<()> {
+        let _ = self.ch.close(200, "no longer leading".into()).await;
+        Ok(())
+    }
+}
+
 /// Settles a held permit: `nack` returns it to the queue.
 struct PermitAcker(lapin::Acker);
 
@@ -1573,6 +1607,82 @@ impl Transport for AmqpTransport {
         }
     }
 
+    async fn lead(&self, name: &str, _every: Duration) -> Result<Box<dyn super::FlightClaim>> {
+        // A baton in a single-active-consumer queue, as for pacers: every contender consumes
+        // it, the broker delivers the baton to the first, which holds it unacked while it leads,
+        // and when that consumer's connection goes, it makes the next one active and hands it
+        // the baton at once. Nobody polls, so no attempt is refused.
+        let t = &self.inner;
+        let queue = format!("{}.flights.{name}", t.names.namespace());
+        let mut args = FieldTable::default();
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        args.insert("x-queue-type".into(), long("classic"));
+        let ch = t.channel().await?;
+        // Waiting may be abandoned (the process stops): the waiting consumer goes with it.
+        let mut abandoned = CloseOnDrop(Some(ch.clone()));
+        let q = ch
+            .queue_declare(queue.as_str().into(), durable(), args)
+            .await
+            .map_err(|e| amqp_error("declare lead queue", e))?;
+        if q.message_count() == 0 {
+            // None waiting: the leader holds the baton, or there is none yet. A second one is
+            // harmless (only the active consumer is delivered any, one at a time). Put through
+            // the registers exchange: the users that lead may write registers, not the default
+            // exchange, which reaches every queue.
+            let exchange = t.names.exchange("registers");
+            ch.exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("declare registers exchange", e))?;
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("bind lead queue", e))?;
+            t.publish_raw(&exchange, &queue, true, &Message::default())
+                .await?;
+        }
+        ch.basic_qos(1, BasicQosOptions::default())
+            .await
+            .map_err(|e| amqp_error("basic.qos", e))?;
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("basic.consume", e))?;
+        match consumer.next().await {
+            // The consumer is kept: dropping it would cancel it, and make the next one active.
+            Some(Ok(_baton)) => {
+                abandoned.0 = None;
+                Ok(Box::new(AmqpLead {
+                    ch,
+                    queue,
+                    _consumer: consumer,
+                }) as Box<dyn super::FlightClaim>)
+            }
+            Some(Err(e)) => Err(amqp_error("lead", e)),
+            None => Err(Error::broker(
+                "lead",
+                std::io::Error::other("the lead queue's consumer ended"),
+            )),
+        }
+    }
+
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {
         // An exclusive queue: one connection can hold it; it goes when that connection does.
         let queue = format!("{}.flights.{key}", self.inner.names.namespace());
@@ -1718,6 +1828,16 @@ impl Transport for AmqpTransport {
         );
         // Every delay a retry can have been rounded to (see `AmqpAcker::retry`).
         queues.extend(crate::protocol::retry_delays_ms().map(|ms| n.retry_queue(ms)));
+        // The scheduler's lead, and the claims of the ticks of the schedules there are.
+        queues.push(format!("{}.flights.scheduler", n.namespace()));
+        let schedules = crate::schedule::table::list(self).await.unwrap_or_default();
+        queues.extend(schedules.keys().map(|name| {
+            format!(
+                "{}.registers.{}",
+                n.namespace(),
+                crate::schedule::runs::register(name)
+            )
+        }));
         // The schedules and their ticks.
         queues.extend(
             [

@@ -23,7 +23,7 @@ const REVISION: &str = "Conveyor-Revision";
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 fn queue(inner: &Inner, name: &str) -> Result<String> {
-    crate::schedule::validate_name(name)?;
+    crate::schedule::validate_register(name)?;
     Ok(format!("{}.registers.{name}", inner.names.namespace()))
 }
 

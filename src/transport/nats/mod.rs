@@ -199,6 +199,10 @@ impl Transport for NatsTransport {
         true
     }
 
+    fn drops_republished_ids(&self) -> bool {
+        true
+    }
+
     fn check_reply_to(&self, to: &str) -> std::result::Result<(), String> {
         crate::protocol::check_nats_reply(self.names.namespace(), &self.reply_prefix, to)
     }

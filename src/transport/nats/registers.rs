@@ -22,7 +22,7 @@ async fn registers(js: &jetstream::Context, names: &Names) -> Result<stream::Str
 }
 
 fn subject(names: &Names, name: &str) -> Result<String> {
-    crate::schedule::validate_name(name)?;
+    crate::schedule::validate_register(name)?;
     Ok(format!("{}.registers.{name}", names.namespace()))
 }
 
