@@ -55,12 +55,18 @@ impl Client {
     /// Publishes one job and returns its id once the broker confirmed it. An unconfirmed publish
     /// is retried with the same id (JetStream de-duplicates it; the aggregator records it once).
     pub async fn publish(&self, spec: &JobSpec) -> Result<String> {
+        self.publish_within(spec, PUBLISH_PATIENCE).await
+    }
+
+    /// [`Client::publish`], retrying for up to `patience` (`ZERO`: one try; an error may then
+    /// leave a copy stored, as for any unconfirmed publish).
+    pub async fn publish_within(&self, spec: &JobSpec, patience: Duration) -> Result<String> {
         let (id, msg) = spec.to_message()?;
         publish_retrying(
             self.transport.as_ref(),
             Route::Job(spec.kind.clone()),
             msg,
-            PUBLISH_PATIENCE,
+            patience,
         )
         .await?;
         let mut event = JobEvent::new(&id, &spec.kind, JobState::Published, 0);

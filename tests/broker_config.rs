@@ -176,9 +176,24 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
         "schedule list: {}",
         text(&listed)
     );
-    let results_before = http_get(addr, "/stats").await.1["results"]
-        .as_u64()
-        .unwrap_or(0);
+    // What was recorded before the scheduler runs: once it has stopped changing (results of
+    // the jobs above may still be arriving).
+    let results = || async {
+        http_get(addr, "/stats").await.1["results"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut results_before = results().await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = results().await;
+        if now == results_before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "results kept arriving: {now}");
+        results_before = now;
+    }
     let ran = producer(&["run", "--for", "4s"]);
     let report = text(&ran);
     assert!(
@@ -212,11 +227,7 @@ async fn roles_work_and_are_limited(roles: &Roles, dir: &Path) {
     );
     // The worker user runs them, each claimed first where the broker keeps no publish ids.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(addr, "/stats").await.1["results"]
-        .as_u64()
-        .unwrap_or(0)
-        < results_before + published
-    {
+    while results().await < results_before + published {
         assert!(
             Instant::now() < deadline,
             "the ticks were not all recorded:\n{}",

@@ -3,7 +3,7 @@
 //! backlog, and a retried high job comes back to its lane; low jobs still get their share of a
 //! backlog of high ones; an outside client (nats-py, pika) chooses the lane by the address it
 //! publishes to, and a level that is none is dead-lettered with the header named; a schedule's
-//! jobs take its priority.
+//! jobs take its priority; a tee copies every lane, under the kind.
 
 mod common;
 
@@ -24,6 +24,7 @@ both_brokers!(
     low_jobs_get_a_share_of_a_backlog_of_high_ones,
     an_outside_client_chooses_the_lane_by_its_address,
     a_schedules_jobs_take_its_priority,
+    a_tee_copies_every_lane_under_its_kind,
 );
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -49,6 +50,22 @@ async fn work(input: WorkIn, ctx: JobContext) -> Result<Value, JobError> {
         return Err(JobError::retry("fails as asked"));
     }
     Ok(json!({"attempt": ctx.meta.attempt}))
+}
+
+/// Publishes `backlog` and reads events until five of its jobs are done: its ids, and the
+/// events seen.
+async fn backlog_running(
+    stack: &Stack,
+    events: &mut futures::stream::BoxStream<'static, JobEvent>,
+    backlog: Vec<JobSpec>,
+) -> (Vec<String>, Seen) {
+    let ids: Vec<String> = backlog.iter().filter_map(|s| s.id.clone()).collect();
+    for r in stack.client.publish_many(backlog, 64, |_| {}).await {
+        r.expect("backlog job published");
+    }
+    let mut seen = Seen::new();
+    events_until(events, &mut seen, |s| done(s, &ids) >= 5).await;
+    (ids, seen)
 }
 
 /// The built-in kinds and `work`, on a worker of two slots.
@@ -89,6 +106,29 @@ fn done(seen: &Seen, ids: &[String]) -> usize {
     times(seen, ids, "succeeded").len()
 }
 
+/// Reads events until every one of `high` succeeded and 100 of `backlog` did (so that every
+/// completion before the last high one has been heard): how many of `backlog` had finished
+/// by the time the last of `high` did.
+async fn backlog_before_the_high_ones(
+    events: &mut futures::stream::BoxStream<'static, JobEvent>,
+    seen: &mut Seen,
+    high: &[String],
+    backlog: &[String],
+) -> usize {
+    events_until(events, seen, |s| {
+        done(s, high) == high.len() && done(s, backlog) >= 100
+    })
+    .await;
+    let last_high = times(seen, high, "succeeded")
+        .into_iter()
+        .max()
+        .expect("high jobs done");
+    times(seen, backlog, "succeeded")
+        .into_iter()
+        .filter(|t| *t <= last_high)
+        .count()
+}
+
 /// 500 jobs of 50 ms, every other one `normal` and `low`, on a worker of two slots; once five
 /// have finished, ten high jobs of the same kind (two of which fail their first attempt and are
 /// retried) are published behind them. All ten finish, the retried ones on their second attempt,
@@ -110,12 +150,7 @@ async fn high_jobs_jump_a_backlog_of_low_ones(broker: Broker) {
             }
         })
         .collect();
-    let backlog_ids: Vec<String> = backlog.iter().filter_map(|s| s.id.clone()).collect();
-    for r in stack.client.publish_many(backlog, 64, |_| {}).await {
-        r.expect("backlog job published");
-    }
-    let mut seen = Seen::new();
-    events_until(&mut events, &mut seen, |s| done(s, &backlog_ids) >= 5).await;
+    let (backlog_ids, mut seen) = backlog_running(&stack, &mut events, backlog).await;
     let high: Vec<JobSpec> = (0..10)
         .map(|i| {
             let fail_times = u32::from(i < 2);
@@ -128,20 +163,8 @@ async fn high_jobs_jump_a_backlog_of_low_ones(broker: Broker) {
     for r in stack.client.publish_many(high, 16, |_| {}).await {
         r.expect("high job published");
     }
-    // Every high job done, and the backlog well past its 50th (so that every completion before
-    // the last high one has been heard).
-    events_until(&mut events, &mut seen, |s| {
-        done(s, &high_ids) == high_ids.len() && done(s, &backlog_ids) >= 100
-    })
-    .await;
-    let last_high = times(&seen, &high_ids, "succeeded")
-        .into_iter()
-        .max()
-        .expect("high jobs done");
-    let before = times(&seen, &backlog_ids, "succeeded")
-        .into_iter()
-        .filter(|t| *t <= last_high)
-        .count();
+    let before =
+        backlog_before_the_high_ones(&mut events, &mut seen, &high_ids, &backlog_ids).await;
     eprintln!(
         "{broker:?}: all 10 high jobs done after {before} of the 500 backlog jobs had finished"
     );
@@ -270,18 +293,7 @@ async fn an_outside_client_chooses_the_lane_by_its_address(broker: Broker) {
     )
     .await;
     let mut seen = Seen::new();
-    events_until(&mut events, &mut seen, |s| {
-        done(s, &high_ids) == high_ids.len() && done(s, &normal_ids) >= 100
-    })
-    .await;
-    let last_high = times(&seen, &high_ids, "succeeded")
-        .into_iter()
-        .max()
-        .expect("high jobs done");
-    let before = times(&seen, &normal_ids, "succeeded")
-        .into_iter()
-        .filter(|t| *t <= last_high)
-        .count();
+    let before = backlog_before_the_high_ones(&mut events, &mut seen, &high_ids, &normal_ids).await;
     eprintln!("{broker:?}: the outside client's high jobs done after {before} normal ones");
     assert!(
         before < 50,
@@ -313,12 +325,7 @@ async fn a_schedules_jobs_take_its_priority(broker: Broker) {
     let backlog: Vec<JobSpec> = (0..300)
         .map(|i| JobSpec::new("work", json!({"ms": 50})).id(format!("{ns}-backlog-{i}")))
         .collect();
-    let backlog_ids: Vec<String> = backlog.iter().filter_map(|s| s.id.clone()).collect();
-    for r in stack.client.publish_many(backlog, 64, |_| {}).await {
-        r.expect("backlog job published");
-    }
-    let mut seen = Seen::new();
-    events_until(&mut events, &mut seen, |s| done(s, &backlog_ids) >= 5).await;
+    let (backlog_ids, mut seen) = backlog_running(&stack, &mut events, backlog).await;
     let mut schedule = Schedule::every("urgent", "work", 1_000);
     schedule.payload = json!({"ms": 50});
     schedule.priority = Priority::High;
@@ -359,5 +366,75 @@ async fn a_schedules_jobs_take_its_priority(broker: Broker) {
         backlog_done < 250,
         "the backlog was nearly through ({backlog_done}): nothing was jumped"
     );
+    stack.stop().await;
+}
+
+/// Two tees of `echo` opened (one closed at once, unread), then a high, a normal and a low job
+/// published: the reading tee has a copy of each, every one under the kind `echo` with its lane
+/// in `Conveyor-Priority`; the unread one's backlog counts the copies of every lane; deleting
+/// the tees removes every lane's part.
+async fn a_tee_copies_every_lane_under_its_kind(broker: Broker) {
+    use conveyor::transport::{ConsumeOptions, Source};
+    let stack = start(broker).await;
+    let t = conveyor::transport::connect(&broker.url(), &stack.ns)
+        .await
+        .expect("connect");
+    let tee = |name: &str| Source::Tee {
+        kind: "echo".into(),
+        name: name.into(),
+        backlog: 100,
+    };
+    let idle = t
+        .consume(tee("idle"), ConsumeOptions::default())
+        .await
+        .expect("tee opens");
+    drop(idle);
+    let mut copies = t
+        .consume(tee("audit"), ConsumeOptions::default())
+        .await
+        .expect("tee opens");
+    let ns = stack.ns.clone();
+    for p in [Priority::High, Priority::Normal, Priority::Low] {
+        let spec = JobSpec::new("echo", json!({})).id(format!("{ns}-{p}"));
+        stack
+            .client
+            .publish(&spec.priority(p))
+            .await
+            .expect("published");
+    }
+    let mut seen = HashMap::new();
+    while seen.len() < 3 {
+        let d = tokio::time::timeout(WAIT, copies.next())
+            .await
+            .expect("a copy within the wait")
+            .expect("tee stream")
+            .expect("a copy");
+        let id = conveyor::job::id_of(&d.message.headers).unwrap_or_default();
+        let lane = d.message.headers.get(header::PRIORITY).map(str::to_string);
+        assert_eq!(d.kind, "echo", "{id}: the copy's kind is the kind");
+        d.ack().await.expect("ack copy");
+        seen.insert(id, lane);
+    }
+    drop(copies);
+    eprintln!("{broker:?}: tee copies by id and lane: {seen:?}");
+    assert_eq!(seen[&format!("{ns}-high")].as_deref(), Some("high"));
+    assert_eq!(seen[&format!("{ns}-normal")], None);
+    assert_eq!(seen[&format!("{ns}-low")].as_deref(), Some("low"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let backlog = t.tee_backlog("echo", "idle").await.expect("backlog");
+        if backlog == 3 {
+            break;
+        }
+        assert!(
+            backlog < 3 && tokio::time::Instant::now() < deadline,
+            "the unread tee's backlog is {backlog}, not a copy of each lane"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for name in ["idle", "audit"] {
+        t.delete_tee("echo", name).await.expect("delete tee");
+    }
+    let _ = t.close().await;
     stack.stop().await;
 }

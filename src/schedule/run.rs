@@ -278,9 +278,20 @@ async fn publish_tick(
     reply_to: &str,
     copy: &str,
 ) -> Result<String> {
-    client
-        .publish(&tick_spec(schedule, tick, reply_to, copy))
-        .await
+    // A publish that was not confirmed may still have been stored: each try is a copy of its
+    // own, so that a worker runs only one of them (see [`super::runs`]).
+    let mut tries = 0u32;
+    crate::transport::retry::retrying(
+        "publish a tick",
+        crate::transport::PUBLISH_BACKOFF,
+        crate::client::PUBLISH_PATIENCE,
+        || {
+            tries += 1;
+            let spec = tick_spec(schedule, tick, reply_to, &format!("{copy}.{tries}"));
+            async move { client.publish_within(&spec, Duration::ZERO).await }
+        },
+    )
+    .await
 }
 
 /// The job of `schedule`'s tick at `tick`, as copy `copy` (see [`super::runs`]).

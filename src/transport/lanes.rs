@@ -43,7 +43,11 @@ impl Stream for Merged {
                     this.turns.took();
                     return Poll::Ready(Some(Ok(d)));
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                // The turn moves on, so that a lane that keeps failing hides no other.
+                Poll::Ready(Some(Err(e))) => {
+                    this.turns.took();
+                    return Poll::Ready(Some(Err(e)));
+                }
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => {}
             }

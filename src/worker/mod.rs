@@ -134,6 +134,8 @@ pub struct Counters {
     pub ended: AtomicU64,
     /// Deliveries handed back.
     pub handed_back: AtomicU64,
+    /// Second copies of a scheduler's tick, acked without running.
+    pub duplicates: AtomicU64,
 }
 
 /// What the worker shares with its job tasks.
@@ -185,6 +187,8 @@ pub struct WorkerReport {
     pub dead: u64,
     /// Deliveries handed back to the broker.
     pub handed_back: u64,
+    /// Second copies of a scheduler's tick, acked without running.
+    pub duplicates: u64,
 }
 
 /// Runs a worker until `shutdown`, then drains (see the module docs).
@@ -398,6 +402,7 @@ pub async fn run(
         retried: c.retried.load(Ordering::Relaxed),
         dead: c.dead.load(Ordering::Relaxed),
         handed_back: c.handed_back.load(Ordering::Relaxed),
+        duplicates: c.duplicates.load(Ordering::Relaxed),
     };
     tracing::info!(?report, "worker stopped");
     if consumers_ended {
@@ -639,6 +644,7 @@ fn spawn_job(
             process::Outcome::Dead => &c.dead,
             process::Outcome::Ended => &c.ended,
             process::Outcome::HandedBack => &c.handed_back,
+            process::Outcome::Duplicate => &c.duplicates,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     });

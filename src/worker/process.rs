@@ -31,6 +31,9 @@ pub enum Outcome {
     Ended,
     /// Handed back to the broker (shutdown) or left unsettled after a broker error.
     HandedBack,
+    /// A second copy of a scheduler's tick, acked without running (see
+    /// [`crate::schedule::runs`]).
+    Duplicate,
 }
 
 /// Runs one delivery to its end through `svc`, its kind's control stack, already admitted
@@ -97,9 +100,8 @@ pub async fn process(
                 if let Err(e) = delivery.ack().await {
                     tracing::warn!(job = %meta.id, error = %e, "ack of a duplicate tick failed");
                 }
-                return Outcome::Ended;
+                return Outcome::Duplicate;
             }
-            Copy::Later => return hand_back(delivery).await,
         }
     }
     let mut meta = meta;
@@ -146,32 +148,41 @@ enum Copy {
     Run,
     /// Another copy of the tick holds it: ack this one without running it.
     Duplicate,
-    /// The claim could not be made now: hand the delivery back.
-    Later,
 }
 
-/// Claims a scheduler's tick for this copy before it runs (see [`crate::schedule::runs`]).
+/// How long a worker tries to claim a tick before it runs the tick unclaimed.
+const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Claims a scheduler's tick for this copy before it runs (see [`crate::schedule::runs`]),
+/// trying again in place while the broker fails (handing the delivery back would spend one of
+/// its attempts). A tick that cannot be claimed within [`CLAIM_PATIENCE`], or by a user
+/// without the right to, runs unclaimed: at least once rather than never.
 async fn first_copy(shared: &Shared, delivery: &Delivery, meta: &JobMeta) -> Copy {
     let Some((schedule, tick, copy)) = crate::schedule::runs::tick_of(&delivery.message.headers)
     else {
         return Copy::Run;
     };
     let t = shared.transport.as_ref();
-    match crate::schedule::runs::claim(t, schedule, tick, copy).await {
+    let claim = crate::transport::retry::retrying(
+        "claim a tick",
+        crate::transport::PUBLISH_BACKOFF,
+        CLAIM_PATIENCE,
+        || async {
+            // Each try extends the lease (where there is one) of the delivery it waits with.
+            let _ = delivery.progress().await;
+            crate::schedule::runs::claim(t, schedule, tick, copy).await
+        },
+    )
+    .await;
+    match claim {
         Ok(true) => Copy::Run,
         Ok(false) => {
             tracing::info!(job = %meta.id, %schedule, tick, "another copy of this tick holds it (published again by the scheduler that took over): acked without running");
             Copy::Duplicate
         }
-        Err(e @ crate::Error::Denied { .. }) => {
-            // Without the right to claim, a tick runs at least once rather than never.
+        Err(e) => {
             tracing::warn!(job = %meta.id, error = %e, "cannot claim the tick; running it unclaimed");
             Copy::Run
-        }
-        Err(e) => {
-            tracing::warn!(job = %meta.id, error = %e, "cannot claim the tick now; handing it back");
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            Copy::Later
         }
     }
 }

@@ -828,6 +828,23 @@ impl Drop for CloseOnDrop {
     }
 }
 
+/// A round trip on `ch` (a passive declare of `queue`), which holds a claim or a baton: it asks
+/// the broker rather than the client's idea of the connection, so that a process frozen past its
+/// heartbeat learns here that the broker let its claim go.
+async fn round_trip(ch: &lapin::Channel, queue: &str, op: &'static str) -> Result<()> {
+    let check = ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    );
+    bounded(op, async { check.await.map_err(|e| amqp_error(op, e)) })
+        .await
+        .map(|_| ())
+}
+
 /// `Ok` while `ch`, which holds a claim, is open: a closed channel means the claim went with a
 /// lost connection, and another process may hold it now.
 fn still_held(ch: &lapin::Channel, op: &'static str) -> Result<()> {
@@ -854,19 +871,7 @@ impl super::FlightClaim for AmqpFlight {
         // channel asks the broker rather than the client's idea of the connection: a process
         // that was frozen past its heartbeat learns here that the broker dropped its claim.
         still_held(&self.ch, "refresh claim")?;
-        let check = self.ch.queue_declare(
-            self.queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        );
-        bounded("refresh claim", async {
-            check.await.map_err(|e| amqp_error("refresh claim", e))
-        })
-        .await
-        .map(|_| ())
+        round_trip(&self.ch, &self.queue, "refresh claim").await
     }
     async fn release(self: Box<Self>) -> Result<()> {
         let _ = self
@@ -874,57 +879,6 @@ impl super::FlightClaim for AmqpFlight {
             .queue_delete(self.queue.as_str().into(), Default::default())
             .await;
         let _ = self.ch.close(200, "released".into()).await;
-        Ok(())
-    }
-}
-
-/// A held pacer baton: an unacked delivery on its own channel; closing the channel hands it on.
-struct AmqpBaton {
-    ch: lapin::Channel,
-    _consumer: lapin::Consumer,
-}
-
-#[async_trait]
-impl super::FlightClaim for AmqpBaton {
-    async fn refresh(&self) -> Result<()> {
-        still_held(&self.ch, "refresh pacer baton")
-    }
-    async fn release(self: Box<Self>) -> Result<()> {
-        let _ = self.ch.close(200, "no longer pacing".into()).await;
-        Ok(())
-    }
-}
-
-/// A held lead ([`Transport::lead`]): the baton unacked on its own channel; closing the channel
-/// hands it to the next contender.
-struct AmqpLead {
-    ch: lapin::Channel,
-    queue: String,
-    _consumer: lapin::Consumer,
-}
-
-#[async_trait]
-impl super::FlightClaim for AmqpLead {
-    async fn refresh(&self) -> Result<()> {
-        // A round trip on the lead's own channel, as for a claim: a process frozen past its
-        // heartbeat learns here that the broker handed its baton on.
-        still_held(&self.ch, "refresh lead")?;
-        let check = self.ch.queue_declare(
-            self.queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        );
-        bounded("refresh lead", async {
-            check.await.map_err(|e| amqp_error("refresh lead", e))
-        })
-        .await
-        .map(|_| ())
-    }
-    async fn release(self: Box<Self>) -> Result<()> {
-        let _ = self.ch.close(200, "no longer leading".into()).await;
         Ok(())
     }
 }
@@ -1196,9 +1150,9 @@ impl Resubscribing {
         }
         let (mut headers, redeliveries) = from_amqp(&d.properties);
         let kind = match &self.source {
-            Feed::Source(Source::Kind(_) | Source::Lane { .. } | Source::Unrouted(_)) => {
-                crate::priority::arrived(d.routing_key.as_str(), &mut headers)
-            }
+            Feed::Source(
+                Source::Kind(_) | Source::Lane { .. } | Source::Unrouted(_) | Source::Tee { .. },
+            ) => crate::priority::arrived(d.routing_key.as_str(), &mut headers),
             _ => kind_of(&d),
         };
         let broker_id = format!("amqp-{}", crate::job::new_id());
@@ -1218,10 +1172,11 @@ impl Resubscribing {
     }
 }
 
-/// Kind of a delivered result or dead letter: its routing key. (A job's routing key is its
-/// lane, which jobs from delay queues keep: see [`crate::priority::arrived`].)
+/// Kind of a delivered result or dead letter: its routing key, without a lane's suffix (a job
+/// the broker dead-letters keeps its lane as routing key). A job's routing key is its lane,
+/// which jobs from delay queues keep: see [`crate::priority::arrived`].
 fn kind_of(d: &lapin::message::Delivery) -> String {
-    d.routing_key.as_str().to_string()
+    crate::priority::split(d.routing_key.as_str()).0.to_string()
 }
 
 /// Settles one AMQP delivery. An acker dropped without being settled (a retry whose copy could
@@ -1553,134 +1508,24 @@ impl Transport for AmqpTransport {
     }
 
     async fn pace_kind(&self, kind: &str) -> Result<Box<dyn super::FlightClaim>> {
-        // A baton in a single-active-consumer queue: the broker delivers it to one consumer,
-        // which holds it unacked while it paces; when that consumer's connection goes, the
-        // broker makes the next consumer active and hands it the baton at once.
+        // The pacer holds the kind's baton ([`baton`]) while it paces; it refreshes it every
+        // round, so a look at the channel is its check.
         let queue = format!("{}.pacers.{kind}", self.inner.names.namespace());
-        let mut args = keyed_bucket_args(kind);
-        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        let ch = self.inner.channel().await?;
-        // Waiting for the baton may be abandoned (the worker stops): the waiting consumer must go
-        // with it, or it could be handed the baton and pace nothing.
-        let mut abandoned = CloseOnDrop(Some(ch.clone()));
-        let q = ch
-            .queue_declare(queue.as_str().into(), durable(), args)
-            .await
-            .map_err(|e| amqp_error("declare pacer queue", e))?;
-        if q.message_count() == 0 {
-            // None waiting: the baton is held by the active pacer, or there is none yet. A
-            // second baton is harmless (the single active consumer gets both).
-            for confirm in self
-                .inner
-                .put_empty(&queue, 1, "put the pacer baton")
-                .await?
-            {
-                let _ = confirm.await;
-            }
-        }
-        ch.basic_qos(1, BasicQosOptions::default())
-            .await
-            .map_err(|e| amqp_error("basic.qos", e))?;
-        let mut consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| amqp_error("basic.consume", e))?;
-        match consumer.next().await {
-            // The consumer is kept: dropping it would cancel it, and make the next one active.
-            Some(Ok(_baton)) => {
-                abandoned.0 = None;
-                Ok(Box::new(AmqpBaton {
-                    ch,
-                    _consumer: consumer,
-                }) as Box<dyn super::FlightClaim>)
-            }
-            Some(Err(e)) => Err(amqp_error("pacer baton", e)),
-            None => Err(Error::broker(
-                "pacer baton",
-                std::io::Error::other("the pacer queue's consumer ended"),
-            )),
-        }
+        let args = keyed_bucket_args(kind);
+        let put = baton::Put::Default;
+        let held = baton::take(&self.inner, &queue, args, put, "pacer baton", false).await?;
+        Ok(Box::new(held))
     }
 
     async fn lead(&self, name: &str, _every: Duration) -> Result<Box<dyn super::FlightClaim>> {
-        // A baton in a single-active-consumer queue, as for pacers: every contender consumes
-        // it, the broker delivers the baton to the first, which holds it unacked while it leads,
-        // and when that consumer's connection goes, it makes the next one active and hands it
-        // the baton at once. Nobody polls, so no attempt is refused.
-        let t = &self.inner;
-        let queue = format!("{}.flights.{name}", t.names.namespace());
+        // The leader holds the lead's baton ([`baton`]): the waiting contenders are refused
+        // nothing, and the next is handed the lead the moment the leader's connection goes.
+        let queue = format!("{}.flights.{name}", self.inner.names.namespace());
         let mut args = FieldTable::default();
-        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         args.insert("x-queue-type".into(), long("classic"));
-        let ch = t.channel().await?;
-        // Waiting may be abandoned (the process stops): the waiting consumer goes with it.
-        let mut abandoned = CloseOnDrop(Some(ch.clone()));
-        let q = ch
-            .queue_declare(queue.as_str().into(), durable(), args)
-            .await
-            .map_err(|e| amqp_error("declare lead queue", e))?;
-        if q.message_count() == 0 {
-            // None waiting: the leader holds the baton, or there is none yet. A second one is
-            // harmless (only the active consumer is delivered any, one at a time). Put through
-            // the registers exchange: the users that lead may write registers, not the default
-            // exchange, which reaches every queue.
-            let exchange = t.names.exchange("registers");
-            ch.exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| amqp_error("declare registers exchange", e))?;
-            ch.queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                queue.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| amqp_error("bind lead queue", e))?;
-            t.publish_raw(&exchange, &queue, true, &Message::default())
-                .await?;
-        }
-        ch.basic_qos(1, BasicQosOptions::default())
-            .await
-            .map_err(|e| amqp_error("basic.qos", e))?;
-        let mut consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| amqp_error("basic.consume", e))?;
-        match consumer.next().await {
-            // The consumer is kept: dropping it would cancel it, and make the next one active.
-            Some(Ok(_baton)) => {
-                abandoned.0 = None;
-                Ok(Box::new(AmqpLead {
-                    ch,
-                    queue,
-                    _consumer: consumer,
-                }) as Box<dyn super::FlightClaim>)
-            }
-            Some(Err(e)) => Err(amqp_error("lead", e)),
-            None => Err(Error::broker(
-                "lead",
-                std::io::Error::other("the lead queue's consumer ended"),
-            )),
-        }
+        let put = baton::Put::Registers;
+        let held = baton::take(&self.inner, &queue, args, put, "lead", true).await?;
+        Ok(Box::new(held))
     }
 
     async fn claim_flight(&self, key: &str) -> Result<Option<Box<dyn super::FlightClaim>>> {
@@ -1905,6 +1750,7 @@ impl Transport for AmqpTransport {
         Ok(())
     }
 }
+mod baton;
 mod pool;
 pub mod raw;
 mod registers;

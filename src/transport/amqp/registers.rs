@@ -11,6 +11,7 @@
 use super::{amqp_error, long, Inner};
 use crate::error::{Error, Result};
 use crate::message::{Headers, Message};
+use crate::protocol::Names;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -101,6 +102,35 @@ async fn unlock(lock: lapin::Channel, queue: &str, ch: lapin::Channel) {
     let _ = lock.close(200, "register unlocked".into()).await;
 }
 
+/// Declares the registers exchange `<ns>.registers` and binds `queue` to it under its own name;
+/// returns the exchange. Registers (and batons put by users that may write registers) are
+/// published through an exchange of their own, not the default one, which reaches every queue:
+/// the right to write registers is only that.
+pub(super) async fn route_to(ch: &lapin::Channel, names: &Names, queue: &str) -> Result<String> {
+    let exchange = names.exchange("registers");
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| amqp_error("declare registers exchange", e))?;
+    ch.queue_bind(
+        queue.into(),
+        exchange.as_str().into(),
+        queue.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| amqp_error("bind to the registers exchange", e))?;
+    Ok(exchange)
+}
+
 pub(super) async fn read(inner: &Inner, name: &str) -> Result<Option<(u64, bytes::Bytes)>> {
     let queue = queue(inner, name)?;
     let _turn = inner.register_turn.lock().await;
@@ -130,29 +160,7 @@ pub(super) async fn write(
         let next = current + 1;
         let mut headers = Headers::new();
         headers.insert(REVISION, next.to_string());
-        // Through an exchange of their own (not the default one, which reaches every queue),
-        // so that the right to write registers is only that.
-        let exchange = inner.names.exchange("registers");
-        ch.exchange_declare(
-            exchange.as_str().into(),
-            lapin::ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| amqp_error("declare registers exchange", e))?;
-        ch.queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            queue.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| amqp_error("bind register", e))?;
+        let exchange = route_to(&ch, &inner.names, &queue).await?;
         inner
             .publish_raw(&exchange, &queue, true, &Message::new(headers, value))
             .await?;

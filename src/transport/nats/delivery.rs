@@ -98,7 +98,7 @@ pub(super) fn to_delivery(msg: jetstream::Message, prefix_len: usize) -> Deliver
         .get(prefix_len..)
         .and_then(|rest| rest.split_once('.'))
     {
-        Some(("jobs", lane)) => crate::priority::arrived(lane, &mut headers),
+        Some(("jobs" | "tee", lane)) => crate::priority::arrived(lane, &mut headers),
         Some((_, kind)) => kind.to_string(),
         None => String::new(),
     };

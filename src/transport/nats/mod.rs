@@ -536,18 +536,24 @@ impl Transport for NatsTransport {
             .get_stream(self.names.stream("tee"))
             .await
             .map_err(|e| Error::broker("get stream", e))?;
-        let mut consumer: jetstream::consumer::PullConsumer = stream
-            .get_consumer(&crate::protocol::tee_consumer_name(name, kind))
-            .await
-            .map_err(|cause| Error::Broker {
-                op: "get consumer",
-                cause,
-            })?;
-        let info = consumer
-            .info()
-            .await
-            .map_err(|e| Error::broker("consumer info", e))?;
-        Ok(info.num_pending + info.num_ack_pending as u64)
+        // The copies of every lane of the kind, each with its consumer.
+        let mut backlog = 0;
+        for p in crate::priority::Priority::ALL {
+            let lane = crate::priority::lane(kind, p);
+            let mut consumer: jetstream::consumer::PullConsumer = stream
+                .get_consumer(&crate::protocol::tee_consumer_name(name, &lane))
+                .await
+                .map_err(|cause| Error::Broker {
+                    op: "get consumer",
+                    cause,
+                })?;
+            let info = consumer
+                .info()
+                .await
+                .map_err(|e| Error::broker("consumer info", e))?;
+            backlog += info.num_pending + info.num_ack_pending as u64;
+        }
+        Ok(backlog)
     }
 
     async fn delete_tee(&self, kind: &str, name: &str) -> Result<()> {
@@ -556,10 +562,13 @@ impl Transport for NatsTransport {
             .get_stream(self.names.stream("tee"))
             .await
             .map_err(|e| Error::broker("get stream", e))?;
-        stream
-            .delete_consumer(&crate::protocol::tee_consumer_name(name, kind))
-            .await
-            .map_err(|e| Error::broker("delete consumer", e))?;
+        for p in crate::priority::Priority::ALL {
+            let lane = crate::priority::lane(kind, p);
+            stream
+                .delete_consumer(&crate::protocol::tee_consumer_name(name, &lane))
+                .await
+                .map_err(|e| Error::broker("delete consumer", e))?;
+        }
         Ok(())
     }
 
