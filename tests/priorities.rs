@@ -435,6 +435,10 @@ async fn a_tee_copies_every_lane_under_its_kind(broker: Broker) {
     for name in ["idle", "audit"] {
         t.delete_tee("echo", name).await.expect("delete tee");
     }
+    assert!(
+        t.tee_backlog("echo", "idle").await.is_err(),
+        "a deleted tee has no backlog left in any lane"
+    );
     let _ = t.close().await;
     stack.stop().await;
 }

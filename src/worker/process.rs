@@ -170,7 +170,16 @@ async fn first_copy(shared: &Shared, delivery: &Delivery, meta: &JobMeta) -> Cop
         || async {
             // Each try extends the lease (where there is one) of the delivery it waits with.
             let _ = delivery.progress().await;
-            crate::schedule::runs::claim(t, schedule, tick, copy).await
+            // Losing the register to other claims again and again (a catch-up burst of one
+            // schedule) is tried again like a broker failure.
+            crate::schedule::runs::claim(t, schedule, tick, copy)
+                .await
+                .map_err(|e| match e {
+                    crate::Error::Conflict(why) => {
+                        crate::Error::broker("claim a tick", std::io::Error::other(why))
+                    }
+                    e => e,
+                })
         },
     )
     .await;

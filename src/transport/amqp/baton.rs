@@ -10,7 +10,9 @@
 //! putting a new one and acking the old, which the broker then delivers to it, the active
 //! consumer, again.
 
-use super::{bounded, durable, pool::amqp_error, round_trip, still_held, CloseOnDrop, Inner};
+use super::{
+    bounded, durable, pool::amqp_error, round_trip, still_held, CloseOnDrop, Inner, CONFIRM_TIMEOUT,
+};
 use crate::error::{Error, Result};
 use crate::message::Message;
 use async_trait::async_trait;
@@ -60,7 +62,16 @@ async fn put_one(inner: &Inner, ch: &lapin::Channel, queue: &str, put: Put) -> R
     match put {
         Put::Default => {
             for confirm in inner.put_empty(queue, 1, "put a baton").await? {
-                let _ = confirm.await;
+                let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+                    .await
+                    .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "baton confirm"))?
+                    .map_err(|e| amqp_error("put a baton", e))?;
+                if confirmed.is_nack() {
+                    return Err(Error::NotConfirmed {
+                        target: queue.to_string(),
+                        reason: "negative confirm for a baton".into(),
+                    });
+                }
             }
             Ok(())
         }
@@ -138,14 +149,27 @@ async fn next_baton(consumer: &mut lapin::Consumer, what: &'static str) -> Resul
 }
 
 impl Held {
-    /// Hands the baton to itself: a new one put, the held one acked, the new one taken (this
-    /// consumer is still the active one, so the broker delivers it here).
+    /// Hands the baton to itself: a new one put (confirmed), the held one acked, the new one
+    /// taken (this consumer is still the active one, so the broker delivers it here). A put that
+    /// fails leaves the held baton held, to be renewed at the next refresh: there is time before
+    /// the broker's timeout.
     async fn renew(&self, h: &mut Holding) -> Result<()> {
-        put_one(&self.inner, &self.ch, &self.queue, self.put).await?;
-        h.baton
+        let put = put_one(&self.inner, &self.ch, &self.queue, self.put);
+        if let Err(e) = bounded(self.what, put).await {
+            tracing::warn!(baton = %self.queue, error = %e, "could not renew the baton; trying again at the next refresh");
+            return Ok(());
+        }
+        let acked = h
+            .baton
             .ack(BasicAckOptions::default())
             .await
             .map_err(|e| amqp_error(self.what, e))?;
+        if !acked {
+            return Err(Error::broker(
+                self.what,
+                std::io::Error::other("the baton's channel closed before it was renewed"),
+            ));
+        }
         h.baton = bounded(self.what, next_baton(&mut h.consumer, self.what)).await?;
         h.since = Instant::now();
         Ok(())
@@ -181,15 +205,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_renewed_baton_stays_with_its_holder_and_goes_on_when_released() {
-        let url = crate::BrokerUrl::parse("amqp://guest:guest@127.0.0.1:5672/%2F").expect("url");
+        let url = std::env::var("CONVEYOR_TEST_AMQP")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let url = crate::BrokerUrl::parse(&url).expect("url");
         let ns = format!("baton{}", std::process::id());
         let names = crate::protocol::Names::new(&ns).expect("names");
         let connect = || super::super::AmqpTransport::connect(&url, names.clone());
         let (a, b) = (connect().await.expect("a"), connect().await.expect("b"));
         let queue = format!("{ns}.flights.test");
         let args = FieldTable::default();
-        let mut first = take(&a.inner, &queue, args.clone(), Put::Registers, "test", true)
+        let first = take(&a.inner, &queue, args.clone(), Put::Registers, "test", true);
+        let mut first = tokio::time::timeout(Duration::from_secs(10), first)
             .await
+            .expect("within 10 s")
             .expect("the first contender takes the baton");
         first.renew_after = Duration::ZERO;
         let (bi, q) = (b.inner.clone(), queue.clone());
@@ -215,6 +243,10 @@ mod tests {
         let ch = a.inner.channel().await.expect("channel");
         let _ = ch
             .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+        let exchange = a.inner.names.exchange("registers");
+        let _ = ch
+            .exchange_delete(exchange.as_str().into(), Default::default())
             .await;
     }
 }

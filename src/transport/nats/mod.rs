@@ -536,24 +536,35 @@ impl Transport for NatsTransport {
             .get_stream(self.names.stream("tee"))
             .await
             .map_err(|e| Error::broker("get stream", e))?;
-        // The copies of every lane of the kind, each with its consumer.
-        let mut backlog = 0;
+        // The copies of every lane of the kind, each with its consumer (a tee made before the
+        // lanes has the normal one only): an error only when the tee has none.
+        let (mut backlog, mut found, mut first_error) = (0, false, None);
         for p in crate::priority::Priority::ALL {
             let lane = crate::priority::lane(kind, p);
-            let mut consumer: jetstream::consumer::PullConsumer = stream
+            let consumer: std::result::Result<jetstream::consumer::PullConsumer, _> = stream
                 .get_consumer(&crate::protocol::tee_consumer_name(name, &lane))
-                .await
-                .map_err(|cause| Error::Broker {
-                    op: "get consumer",
-                    cause,
-                })?;
+                .await;
+            let mut consumer = match consumer {
+                Ok(c) => c,
+                Err(cause) => {
+                    first_error.get_or_insert(Error::Broker {
+                        op: "get consumer",
+                        cause,
+                    });
+                    continue;
+                }
+            };
             let info = consumer
                 .info()
                 .await
                 .map_err(|e| Error::broker("consumer info", e))?;
             backlog += info.num_pending + info.num_ack_pending as u64;
+            found = true;
         }
-        Ok(backlog)
+        match first_error {
+            Some(e) if !found => Err(e),
+            _ => Ok(backlog),
+        }
     }
 
     async fn delete_tee(&self, kind: &str, name: &str) -> Result<()> {
@@ -562,14 +573,25 @@ impl Transport for NatsTransport {
             .get_stream(self.names.stream("tee"))
             .await
             .map_err(|e| Error::broker("get stream", e))?;
+        // Every lane's consumer (a tee made before the lanes has the normal one only): an error
+        // only when the tee had none.
+        let (mut deleted, mut first_error) = (false, None);
         for p in crate::priority::Priority::ALL {
             let lane = crate::priority::lane(kind, p);
-            stream
+            match stream
                 .delete_consumer(&crate::protocol::tee_consumer_name(name, &lane))
                 .await
-                .map_err(|e| Error::broker("delete consumer", e))?;
+            {
+                Ok(_) => deleted = true,
+                Err(e) => {
+                    first_error.get_or_insert(Error::broker("delete consumer", e));
+                }
+            }
         }
-        Ok(())
+        match first_error {
+            Some(e) if !deleted => Err(e),
+            _ => Ok(()),
+        }
     }
 
     async fn reply_inbox(&self) -> Result<(String, MessageStream)> {
