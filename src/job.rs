@@ -119,9 +119,13 @@ impl JobSpec {
     }
 
     /// Sets `Conveyor-Priority`: the lane of its kind the job waits in (see [`crate::priority`]).
-    /// A worker takes `high` jobs before `normal` and `low` ones, in a weighted share.
+    /// A worker takes `high` jobs before `normal` and `low` ones, in a weighted share. A `normal`
+    /// job carries no header, as one delivered from the normal lane does.
     pub fn priority(mut self, priority: crate::priority::Priority) -> Self {
-        self.headers.insert(header::PRIORITY, priority.as_str());
+        match priority {
+            crate::priority::Priority::Normal => self.headers.remove(header::PRIORITY),
+            p => self.headers.insert(header::PRIORITY, p.as_str()),
+        }
         self
     }
 

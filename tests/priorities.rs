@@ -56,7 +56,7 @@ async fn work(input: WorkIn, ctx: JobContext) -> Result<Value, JobError> {
 /// events seen.
 async fn backlog_running(
     stack: &Stack,
-    events: &mut futures::stream::BoxStream<'static, JobEvent>,
+    events: &mut Events,
     backlog: Vec<JobSpec>,
 ) -> (Vec<String>, Seen) {
     let ids: Vec<String> = backlog.iter().filter_map(|s| s.id.clone()).collect();
@@ -75,15 +75,21 @@ async fn start(broker: Broker) -> Stack {
     Stack::start_with(broker, two_slots(), registry).await
 }
 
+/// Every job event of a namespace, as it comes.
+type Events = futures::stream::BoxStream<'static, JobEvent>;
+
+/// The events of `stack`'s namespace, from now.
+async fn watching(stack: &Stack) -> Events {
+    conveyor::events::watch(stack.client.transport().as_ref(), None)
+        .await
+        .expect("watch")
+}
+
 /// Every event seen, by job id and state.
 type Seen = HashMap<(String, String), JobEvent>;
 
 /// Reads events until `until` says stop, bounded by [`WAIT`].
-async fn events_until(
-    events: &mut futures::stream::BoxStream<'static, JobEvent>,
-    seen: &mut Seen,
-    mut until: impl FnMut(&Seen) -> bool,
-) {
+async fn events_until(events: &mut Events, seen: &mut Seen, mut until: impl FnMut(&Seen) -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !until(seen) {
         let ev = tokio::time::timeout_at(deadline, events.next())
@@ -110,7 +116,7 @@ fn done(seen: &Seen, ids: &[String]) -> usize {
 /// completion before the last high one has been heard): how many of `backlog` had finished
 /// by the time the last of `high` did.
 async fn backlog_before_the_high_ones(
-    events: &mut futures::stream::BoxStream<'static, JobEvent>,
+    events: &mut Events,
     seen: &mut Seen,
     high: &[String],
     backlog: &[String],
@@ -136,9 +142,7 @@ async fn backlog_before_the_high_ones(
 /// normal ones.)
 async fn high_jobs_jump_a_backlog_of_low_ones(broker: Broker) {
     let stack = start(broker).await;
-    let mut events = conveyor::events::watch(stack.client.transport().as_ref(), None)
-        .await
-        .expect("watch");
+    let mut events = watching(&stack).await;
     let ns = stack.ns.clone();
     let backlog: Vec<JobSpec> = (0..500)
         .map(|i| {
@@ -184,9 +188,7 @@ async fn high_jobs_jump_a_backlog_of_low_ones(broker: Broker) {
 /// than after the whole high backlog.
 async fn low_jobs_get_a_share_of_a_backlog_of_high_ones(broker: Broker) {
     let stack = Stack::start(broker, two_slots()).await;
-    let mut events = conveyor::events::watch(stack.client.transport().as_ref(), None)
-        .await
-        .expect("watch");
+    let mut events = watching(&stack).await;
     let ns = stack.ns.clone();
     let spec = |lane: &str, i: usize, p: Priority| {
         JobSpec::new("sleep", json!({"ms": 20}))
@@ -265,9 +267,7 @@ conn.close()
 /// named), and the urgent one is dead-lettered with the header named.
 async fn an_outside_client_chooses_the_lane_by_its_address(broker: Broker) {
     let stack = start(broker).await;
-    let mut events = conveyor::events::watch(stack.client.transport().as_ref(), None)
-        .await
-        .expect("watch");
+    let mut events = watching(&stack).await;
     let ns = stack.ns.clone();
     let mut jobs: Vec<Value> = (0..300)
         .map(|i| json!([format!("{ns}-normal-{i}"), "work", r#"{"ms":50}"#, {}]))
@@ -318,9 +318,7 @@ async fn an_outside_client_chooses_the_lane_by_its_address(broker: Broker) {
 async fn a_schedules_jobs_take_its_priority(broker: Broker) {
     use conveyor::schedule::{run, table, Schedule};
     let stack = start(broker).await;
-    let mut events = conveyor::events::watch(stack.client.transport().as_ref(), None)
-        .await
-        .expect("watch");
+    let mut events = watching(&stack).await;
     let ns = stack.ns.clone();
     let backlog: Vec<JobSpec> = (0..300)
         .map(|i| JobSpec::new("work", json!({"ms": 50})).id(format!("{ns}-backlog-{i}")))

@@ -161,9 +161,7 @@ pub async fn run(
             if let Some(d) = args.delay {
                 spec = spec.delay(d);
             }
-            if args.priority != conveyor::Priority::Normal {
-                spec = spec.priority(args.priority);
-            }
+            spec = spec.priority(args.priority);
             if let Some(ms) = args.at {
                 spec = spec.not_before(std::time::UNIX_EPOCH + Duration::from_millis(ms));
             }

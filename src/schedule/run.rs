@@ -301,9 +301,7 @@ fn tick_spec(schedule: &Schedule, tick: u64, reply_to: &str, copy: &str) -> JobS
     if schedule.overlap == Overlap::Skip {
         spec = spec.reply_to(reply_to);
     }
-    if schedule.priority != crate::priority::Priority::Normal {
-        spec = spec.priority(schedule.priority);
-    }
+    spec = spec.priority(schedule.priority);
     spec.headers.insert(header::SCHEDULE, schedule.name.clone());
     spec.headers.insert(header::TICK, tick.to_string());
     spec.headers.insert(header::TICK_COPY, copy);

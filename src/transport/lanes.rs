@@ -13,6 +13,19 @@ use futures::{Stream, StreamExt};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+/// Opens a stream for each lane (`open` gets the lane's priority) and merges them ([`merge`]).
+pub async fn open_each<F, Fut>(mut open: F) -> Result<DeliveryStream>
+where
+    F: FnMut(Priority) -> Fut,
+    Fut: std::future::Future<Output = Result<DeliveryStream>>,
+{
+    let mut lanes = Vec::new();
+    for p in Priority::ALL {
+        lanes.push((p, open(p).await?));
+    }
+    Ok(merge(lanes))
+}
+
 /// The lanes of one kind merged, highest first in [`Turns`] order. It ends when any lane ends
 /// (a consumer the broker cancelled for good): the worker then stops rather than serve some of
 /// a kind's lanes.

@@ -10,9 +10,7 @@
 //! putting a new one and acking the old, which the broker then delivers to it, the active
 //! consumer, again.
 
-use super::{
-    bounded, durable, pool::amqp_error, round_trip, still_held, CloseOnDrop, Inner, CONFIRM_TIMEOUT,
-};
+use super::{bounded, durable, pool::amqp_error, round_trip, still_held, CloseOnDrop, Inner};
 use crate::error::{Error, Result};
 use crate::message::Message;
 use async_trait::async_trait;
@@ -61,19 +59,9 @@ struct Holding {
 async fn put_one(inner: &Inner, ch: &lapin::Channel, queue: &str, put: Put) -> Result<()> {
     match put {
         Put::Default => {
-            for confirm in inner.put_empty(queue, 1, "put a baton").await? {
-                let confirmed = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
-                    .await
-                    .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "baton confirm"))?
-                    .map_err(|e| amqp_error("put a baton", e))?;
-                if confirmed.is_nack() {
-                    return Err(Error::NotConfirmed {
-                        target: queue.to_string(),
-                        reason: "negative confirm for a baton".into(),
-                    });
-                }
-            }
-            Ok(())
+            inner
+                .put_empty_confirmed(queue, 1, "put a baton", "baton confirm")
+                .await
         }
         Put::Registers => {
             let exchange = super::registers::route_to(ch, &inner.names, queue).await?;

@@ -681,11 +681,8 @@ impl Inner {
     ) -> Result<(lapin::Channel, lapin::Consumer)> {
         let n = &self.names;
         let queue = match source {
-            Source::Kind(kind) | Source::Lane { kind, .. } => {
-                let lane = match source {
-                    Source::Lane { priority, .. } => crate::priority::lane(kind, *priority),
-                    _ => kind.clone(),
-                };
+            Source::Kind(_) | Source::Lane { .. } => {
+                let lane = lane_of_source(source).unwrap_or_default();
                 let queue = n.job_queue(&lane);
                 self.declare_bound(&self.stored(queue.clone(), n.exchange("jobs"), &lane))
                     .await?;
@@ -791,14 +788,22 @@ impl Inner {
     /// The queue a job source reads, for the consumers that make room for jobs set aside.
     fn job_source_queue(&self, source: &Source) -> Option<String> {
         match source {
-            Source::Kind(kind) => Some(self.names.job_queue(kind)),
-            Source::Lane { kind, priority } => Some(
-                self.names
-                    .job_queue(&crate::priority::lane(kind, *priority)),
-            ),
+            Source::Kind(_) | Source::Lane { .. } => {
+                lane_of_source(source).map(|lane| self.names.job_queue(&lane))
+            }
             Source::Unrouted(_) => Some(self.names.unrouted()),
             _ => None,
         }
+    }
+}
+
+/// The lane a kind's job source reads: the kind itself for [`Source::Kind`] (its normal lane,
+/// once [`Transport::consume`] has split it), the lane for [`Source::Lane`].
+fn lane_of_source(source: &Source) -> Option<String> {
+    match source {
+        Source::Kind(kind) => Some(kind.clone()),
+        Source::Lane { kind, priority } => Some(crate::priority::lane(kind, *priority)),
+        _ => None,
     }
 }
 
@@ -1038,6 +1043,30 @@ impl Inner {
             confirms.push(confirm);
         }
         Ok(confirms)
+    }
+
+    /// [`Inner::put_empty`], then waits for every confirm: an error for one that does not come
+    /// within [`CONFIRM_TIMEOUT`] (`waiting` names the wait) or is negative.
+    async fn put_empty_confirmed(
+        &self,
+        queue: &str,
+        count: u32,
+        op: &'static str,
+        waiting: &'static str,
+    ) -> Result<()> {
+        for confirm in self.put_empty(queue, count, op).await? {
+            let c = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+                .await
+                .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, waiting))?
+                .map_err(|e| amqp_error(op, e))?;
+            if c.is_nack() {
+                return Err(Error::NotConfirmed {
+                    target: queue.to_string(),
+                    reason: format!("negative confirm ({op})"),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Declares a kind's token queue: classic and durable (tokens lost with the broker are
@@ -1330,13 +1359,11 @@ impl Transport for AmqpTransport {
 
     async fn consume(&self, source: Source, opts: ConsumeOptions) -> Result<DeliveryStream> {
         if let Source::Kind(kind) = &source {
-            let mut lanes = Vec::new();
-            for priority in crate::priority::Priority::ALL {
+            return super::lanes::open_each(|priority| {
                 let kind = kind.clone();
-                let lane = self.consume(Source::Lane { kind, priority }, opts).await?;
-                lanes.push((priority, lane));
-            }
-            return Ok(super::lanes::merge(lanes));
+                self.consume(Source::Lane { kind, priority }, opts)
+            })
+            .await;
         }
         let cumulative = opts.cumulative
             && !matches!(
@@ -1492,18 +1519,9 @@ impl Transport for AmqpTransport {
     async fn put_tokens(&self, kind: &str, ticks: &[u64]) -> Result<u32> {
         let queue = self.inner.names.token_subject(kind);
         let n = u32::try_from(ticks.len()).unwrap_or(u32::MAX);
-        for confirm in self.inner.put_empty(&queue, n, "add token").await? {
-            let c = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
-                .await
-                .map_err(|_| Error::Timeout(CONFIRM_TIMEOUT, "token confirm"))?
-                .map_err(|e| amqp_error("add token", e))?;
-            if c.is_nack() {
-                return Err(Error::NotConfirmed {
-                    target: queue,
-                    reason: "negative confirm for a token".into(),
-                });
-            }
-        }
+        self.inner
+            .put_empty_confirmed(&queue, n, "add token", "token confirm")
+            .await?;
         Ok(n)
     }
 
@@ -1676,22 +1694,15 @@ impl Transport for AmqpTransport {
         // The scheduler's lead, and the claims of the ticks of the schedules there are.
         queues.push(format!("{}.flights.scheduler", n.namespace()));
         let schedules = crate::schedule::table::list(self).await.unwrap_or_default();
-        queues.extend(schedules.keys().map(|name| {
-            format!(
-                "{}.registers.{}",
-                n.namespace(),
-                crate::schedule::runs::register(name)
-            )
-        }));
-        // The schedules and their ticks.
-        queues.extend(
-            [
-                crate::schedule::table::SCHEDULES,
-                crate::schedule::table::TICKS,
-            ]
-            .iter()
-            .map(|r| format!("{}.registers.{r}", n.namespace())),
-        );
+        let runs = schedules.keys().map(|s| crate::schedule::runs::register(s));
+        // With the schedules and their ticks.
+        let registers = [
+            crate::schedule::table::SCHEDULES.to_string(),
+            crate::schedule::table::TICKS.to_string(),
+        ];
+        for r in runs.chain(registers) {
+            queues.push(registers::queue(&self.inner, &r)?);
+        }
         for q in queues {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await

@@ -23,7 +23,8 @@ const REVISION: &str = "Conveyor-Revision";
 /// How long a reader or writer waits for its turn.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
-fn queue(inner: &Inner, name: &str) -> Result<String> {
+/// The queue of register `name` (checked).
+pub(super) fn queue(inner: &Inner, name: &str) -> Result<String> {
     crate::schedule::validate_register(name)?;
     Ok(format!("{}.registers.{name}", inner.names.namespace()))
 }

@@ -339,14 +339,11 @@ impl Transport for NatsTransport {
         let ns = n.namespace();
         match source {
             Source::Kind(kind) => {
-                let mut lanes = Vec::new();
-                for p in crate::priority::Priority::ALL {
-                    let lane = self
-                        .pull_jobs(&crate::priority::lane(&kind, p), opts)
-                        .await?;
-                    lanes.push((p, lane));
-                }
-                Ok(crate::transport::lanes::merge(lanes))
+                let kind = &kind;
+                crate::transport::lanes::open_each(|p| async move {
+                    self.pull_jobs(&crate::priority::lane(kind, p), opts).await
+                })
+                .await
             }
             Source::Lane { kind, priority } => {
                 self.pull_jobs(&crate::priority::lane(&kind, priority), opts)
@@ -376,20 +373,14 @@ impl Transport for NatsTransport {
                 crate::protocol::validate_tee_name(&name)?;
                 self.declare_tee(backlog).await?;
                 // The copies of every lane (each its own subject, so its own consumer).
-                let mut lanes = Vec::new();
-                for p in crate::priority::Priority::ALL {
-                    let lane = crate::priority::lane(&kind, p);
-                    let copies = self
-                        .pull(
-                            n.stream("tee"),
-                            crate::protocol::tee_consumer_name(&name, &lane),
-                            n.tee_subject(&lane),
-                            opts,
-                        )
-                        .await?;
-                    lanes.push((p, copies));
-                }
-                Ok(crate::transport::lanes::merge(lanes))
+                let (kind, name) = (&kind, &name);
+                crate::transport::lanes::open_each(|p| async move {
+                    let lane = crate::priority::lane(kind, p);
+                    let consumer = crate::protocol::tee_consumer_name(name, &lane);
+                    self.pull(n.stream("tee"), consumer, n.tee_subject(&lane), opts)
+                        .await
+                })
+                .await
             }
         }
     }
